@@ -1,0 +1,75 @@
+"""Error classes of DESIGN.md: failures travel as values, never as free-text strings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class ErrorClass(str, Enum):
+    """Why an item failed. The order of definition is DESIGN.md's precedence."""
+
+    INVALID_URL = "invalid_url"
+    BAD_SCHEME = "bad_scheme"
+    BLOCKED_ADDRESS = "blocked_address"
+    DNS_ERROR = "dns_error"
+    CONNECT_ERROR = "connect_error"
+    NETWORK_ERROR = "network_error"
+    TIMEOUT = "timeout"
+    TOO_MANY_REDIRECTS = "too_many_redirects"
+    RATE_LIMITED = "rate_limited"
+    HTTP_5XX = "http_5xx"
+    HTTP_4XX = "http_4xx"
+    OPTED_OUT = "opted_out"
+    TOO_LARGE = "too_large"
+    HASH_MISMATCH = "hash_mismatch"
+    NOT_IMAGE = "not_image"
+    TOO_MANY_PIXELS = "too_many_pixels"
+    TOO_SMALL = "too_small"
+    BAD_ASPECT = "bad_aspect"
+    DECODE_ERROR = "decode_error"
+    INFERENCE_ERROR = "inference_error"
+    # Not in the fetch table: a local file or shard member that cannot be read.
+    SOURCE_ERROR = "source_error"
+
+    @property
+    def retryable(self) -> bool:
+        return self in _RETRYABLE
+
+
+_RETRYABLE = frozenset(
+    {
+        ErrorClass.DNS_ERROR,
+        ErrorClass.CONNECT_ERROR,
+        ErrorClass.NETWORK_ERROR,
+        ErrorClass.TIMEOUT,
+        ErrorClass.RATE_LIMITED,
+        ErrorClass.HTTP_5XX,
+        ErrorClass.INFERENCE_ERROR,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A classified failure of one item, with a one-line message a person understands."""
+
+    error_class: ErrorClass
+    message: str
+
+    @classmethod
+    def of(cls, error_class: ErrorClass, message: str) -> "Failure":
+        one_line = " ".join(str(message).split())
+        return cls(error_class, one_line[:500])
+
+    @property
+    def retryable(self) -> bool:
+        return self.error_class.retryable
+
+
+class RecapError(Exception):
+    """A problem the user can fix (bad input, bad setting): one-line reason, exit code 2."""
+
+
+class FleetConfigError(RecapError):
+    """A fleet command was run without a PostgreSQL database."""

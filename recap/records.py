@@ -1,0 +1,87 @@
+"""Small typed records that pass between stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from recap.errors import Failure
+
+
+@dataclass(frozen=True, slots=True)
+class InputItem:
+    """One image to caption, as read from the inputs.
+
+    `url` is an http(s) URL, or for already-downloaded images a local reference:
+    `file:///abs/path.jpg` or `tar://member.jpg::/abs/shard.tar` (fsspec's chained form).
+    """
+
+    key: str
+    url: str
+    org_caption: str | None = None
+    expected_sha256: str | None = None
+
+
+ImageMode = Literal["pad", "crop"]
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSpec:
+    """What the loaded model's processor wants: prepare images once, on the CPU, to this."""
+
+    size: int | None  # square side in pixels; None keeps the image as decoded (bounded)
+    mode: ImageMode = "pad"
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A fetched and decoded image ready for the engine."""
+
+    item: InputItem
+    image: object  # PIL.Image.Image (RGB); typed loosely so this module imports no Pillow
+    sha256: str
+    width: int  # of the original image
+    height: int
+    fetch_ms: float = 0.0
+    attempts: int = 1
+
+
+@dataclass(slots=True)
+class Rejected:
+    """An item that failed before the engine, with its classified failure."""
+
+    item: InputItem
+    failure: Failure
+    fetch_ms: float = 0.0
+    attempts: int = 1
+    sha256: str | None = None
+
+
+@dataclass(slots=True)
+class Caption:
+    """What the engine says for one image."""
+
+    text: str
+    n_tokens: int
+    finish_reason: Literal["stop", "length", "error"]
+    infer_ms: float = 0.0
+    failure: Failure | None = None
+
+
+@dataclass(slots=True)
+class ItemResult:
+    """The final word on one item, as the store writes it."""
+
+    key: str
+    status: Literal["done", "failed"]
+    caption: str | None = None
+    flags: list[str] = field(default_factory=list)
+    error_class: str | None = None
+    error: str | None = None
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+    attempts: int = 1
+    fetch_ms: float | None = None
+    infer_ms: float | None = None
+    worker: str | None = None
