@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     lease_s: float = Field(600.0, gt=0)
     chunk_max_attempts: int = Field(3, ge=1)
     visibility_timeout_s: int = Field(7200, ge=1)
+    feed_interval_s: float = Field(30.0, gt=0)  # how often an idle worker tops up the queue
+    db_retry_s: float = Field(300.0, ge=0)  # how long a worker waits out a database outage
 
     # Fetching
     fetch_timeout_s: float = Field(20.0, gt=0)

@@ -1,0 +1,187 @@
+"""Export results in the Recap-DataComp-1B column layout, as parquet or JSONL, streaming.
+
+Local paths or fsspec URLs; a path ending in `.parquet`/`.jsonl` is one file, anything
+else a folder of shards `part-00000.<ext>` of `rows_per_shard` rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+from recap.errors import RecapError
+from recap.store import JobInfo, Store
+from workers.quality import word_count
+
+EXPORT_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("re_caption", pa.string()),
+        ("org_caption", pa.string()),
+        ("sha256", pa.string()),
+        ("re_length", pa.int32()),
+        ("org_length", pa.int32()),
+        ("status", pa.string()),
+        ("error_class", pa.string()),
+        ("error", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("model", pa.string()),
+        ("model_revision", pa.string()),
+        ("prompt", pa.string()),
+        ("generation", pa.string()),
+        ("flags", pa.list_(pa.string())),
+        ("job", pa.string()),
+        ("updated_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+EXPORT_COLUMNS = EXPORT_SCHEMA.names
+STATUS_CHOICES = {"done": ["done"], "failed": ["failed"], "all": ["pending", "done", "failed"]}
+
+
+@dataclass(slots=True)
+class ExportStats:
+    rows: int = 0
+    files: int = 0
+
+
+def export_job(
+    store: Store,
+    job: JobInfo,
+    out: str,
+    fmt: str = "parquet",
+    status: str = "done",
+    exclude_flags: Iterable[str] = (),
+    rows_per_shard: int = 1_000_000,
+    since: datetime | None = None,
+) -> ExportStats:
+    if fmt not in ("parquet", "jsonl"):
+        raise RecapError(f"unknown export format {fmt!r}: use parquet or jsonl")
+    if status not in STATUS_CHOICES:
+        raise RecapError(f"unknown --status {status!r}: use done, failed or all")
+    batches = _export_batches(store, job, STATUS_CHOICES[status], set(exclude_flags), since)
+    writer = _ShardWriter(out, fmt, rows_per_shard)
+    try:
+        for batch in batches:
+            writer.write(batch)
+    finally:
+        writer.close()
+    return ExportStats(rows=writer.rows, files=writer.files)
+
+
+def _export_batches(store, job, statuses, exclude_flags, since) -> Iterator[pa.RecordBatch]:
+    static = {
+        "model": job.model,
+        "prompt": job.prompt,
+        "generation": json.dumps(job.generation, sort_keys=True),
+        "job": job.name,
+    }
+    for rows in store.iter_items(job, statuses, since=since):
+        if exclude_flags:
+            rows = [r for r in rows if not exclude_flags.intersection(r["flags"] or [])]
+        if rows:
+            yield pa.RecordBatch.from_pylist([_export_row(r, static) for r in rows], EXPORT_SCHEMA)
+
+
+def _export_row(row: dict, static: dict) -> dict:
+    caption, org = row["caption"], row["org_caption"]
+    return {
+        "key": row["key"],
+        "url": row["url"],
+        "re_caption": caption,
+        "org_caption": org,
+        "sha256": row["sha256"],
+        "re_length": word_count(caption) if caption is not None else None,
+        "org_length": word_count(org) if org is not None else None,
+        "status": row["status"],
+        "error_class": row["error_class"],
+        "error": row["error"],
+        "width": row["width"],
+        "height": row["height"],
+        "model_revision": row["model_revision"],
+        "flags": list(row["flags"] or []),
+        "updated_at": _utc(row["updated_at"]),
+        **static,
+    }
+
+
+def _utc(value) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+class _ShardWriter:
+    """Writes record batches to one file or to numbered shards, opened through fsspec."""
+
+    def __init__(self, out: str, fmt: str, rows_per_shard: int):
+        import fsspec
+
+        self.fmt = fmt
+        self.single = out.endswith(f".{fmt}")
+        self.fs, self.root = fsspec.core.url_to_fs(out)
+        if not self.single:
+            self.fs.makedirs(self.root, exist_ok=True)
+        else:
+            parent = self.root.rsplit("/", 1)[0] if "/" in self.root else ""
+            if parent:
+                self.fs.makedirs(parent, exist_ok=True)
+        self.rows_per_shard = rows_per_shard
+        self.rows = 0
+        self.files = 0
+        self._file = None
+        self._parquet = None
+        self._in_shard = 0
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        start = 0
+        while start < batch.num_rows:
+            if self._file is None:
+                self._open()
+            room = batch.num_rows - start if self.single else self.rows_per_shard - self._in_shard
+            part = batch.slice(start, min(room, batch.num_rows - start))
+            self._write_part(part)
+            start += part.num_rows
+            self._in_shard += part.num_rows
+            self.rows += part.num_rows
+            if not self.single and self._in_shard >= self.rows_per_shard:
+                self._close_file()
+
+    def close(self) -> None:
+        if self.files == 0:
+            self._open()  # an empty export still leaves a readable file with the schema
+        self._close_file()
+
+    def _open(self) -> None:
+        path = self.root if self.single else f"{self.root}/part-{self.files:05d}.{self.fmt}"
+        self._file = self.fs.open(path, "wb")
+        if self.fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            self._parquet = pq.ParquetWriter(self._file, EXPORT_SCHEMA, compression="zstd")
+        self.files += 1
+        self._in_shard = 0
+
+    def _write_part(self, part: pa.RecordBatch) -> None:
+        if self._parquet is not None:
+            self._parquet.write_batch(part)
+            return
+        for row in part.to_pylist():
+            if row["updated_at"] is not None:
+                row["updated_at"] = row["updated_at"].isoformat()
+            self._file.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
+
+    def _close_file(self) -> None:
+        if self._parquet is not None:
+            self._parquet.close()
+            self._parquet = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,49 @@
+"""Registering a job and its items: shared by `recap run` and `recap submit`."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+
+from recap.settings import Settings
+from recap.store import JobInfo, RegisterStats, Store
+
+TINY_ALIASES = ("tiny", "tiny-llava", "tiny-llava-next", "tiny-mllama")
+
+
+def model_slug(model: str) -> str:
+    """A queue- and name-safe form of a model id: `xtuner/llava-llama-3-8b` → `xtuner--llava-llama-3-8b`."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model.replace("/", "--")).strip("-")
+    return slug[-120:] or "model"
+
+
+def derive_job_name(inputs: list[str], model: str) -> str:
+    """Same inputs and model, same name: running `recap run` again resumes."""
+    digest = hashlib.sha256("\n".join([model, *sorted(inputs)]).encode()).hexdigest()[:10]
+    return f"run-{model_slug(model)[:40]}-{digest}"
+
+
+def open_job(store: Store, settings: Settings, name: str, model: str) -> JobInfo:
+    """Create (or reopen) the job with the model, prompt and generation settings it owns."""
+    return store.ensure_job(
+        name=name,
+        model=model,
+        prompt=settings.prompt,
+        generation=settings.generation(),
+        chunk_size=settings.chunk_size,
+        model_revision=settings.model_revision,
+    )
+
+
+def register_inputs(
+    store: Store,
+    job: JobInfo,
+    inputs: list[str],
+    columns,
+    limit: int | None = None,
+    on_batch: Callable[[RegisterStats], None] | None = None,
+) -> RegisterStats:
+    from producer.readers import read_items
+
+    return store.register_items(job, read_items(inputs, columns), on_batch=on_batch, limit=limit)

@@ -1,0 +1,430 @@
+"""The `recap` command line. Never imports torch or transformers at import time, so
+`recap --help` answers fast and producer hosts need no GPU stack."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from recap.errors import RecapError
+
+app = typer.Typer(
+    name="recap",
+    help="Re-caption web-scale image datasets with LLaMA-3 vision-language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+dev_app = typer.Typer(help="Developer tools: tiny offline models.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(dev_app, name="dev")
+
+out = Console()
+err = Console(stderr=True)
+
+TINY_WARNING = "the tiny model's captions are meaningless (random weights): it is for tests and smoke runs"
+
+
+def command(group: typer.Typer, *args, **kwargs):
+    """Register a command whose user errors end in one line and exit code 2."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            try:
+                return fn(*a, **k)
+            except RecapError as exc:
+                err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
+
+        return group.command(*args, **kwargs)(wrapper)
+
+    return decorate
+
+
+def _settings():
+    from recap.settings import get_settings
+
+    try:
+        return get_settings()
+    except Exception as exc:  # pydantic's ValidationError: a bad RECAP_* value
+        raise RecapError(f"invalid settings: {' '.join(str(exc).split())}") from None
+
+
+def _local_store(create: bool = False):
+    """`recap run`/`status`/`export`: RECAP_DATABASE_URL, else ./recap.db.
+
+    Only `run` creates the schema; the readers say what is missing instead."""
+    from recap.db import database_url_or_default, safe_url, schema_exists, upgrade
+    from recap.store import Store
+
+    url = database_url_or_default(_settings().database_url)
+    if create:
+        upgrade(url)
+    elif not schema_exists(url):
+        raise RecapError(
+            f"no recap schema at {safe_url(url)}: run `recap db upgrade` or `recap run` first"
+        )
+    return Store(url)
+
+
+def _fleet_store(command_name: str):
+    from recap.db import require_postgres
+    from recap.store import Store
+
+    return Store(require_postgres(_settings().database_url, command_name))
+
+
+# Column options shared by `run` and `submit`.
+UrlCol = Annotated[str, typer.Option(help="Column holding the image URL.")]
+CaptionCol = Annotated[
+    Optional[str], typer.Option(help="Column holding the original caption (default: text, else caption).")
+]
+IdCol = Annotated[Optional[str], typer.Option(help="Column holding the item key (default: sha256 of the URL).")]
+ShaCol = Annotated[Optional[str], typer.Option(help="Column holding the expected image sha256.")]
+Inputs = Annotated[list[str], typer.Argument(help="Files, folders, globs or fsspec URLs.")]
+ModelOpt = Annotated[
+    Optional[str], typer.Option(help="Model id, local folder, or 'tiny' (default: RECAP_MODEL).")
+]
+LimitOpt = Annotated[Optional[int], typer.Option(min=1, help="Only the first N items (a canary run).")]
+
+
+def _columns(url_col, caption_col, id_col, sha256_col):
+    from producer.readers import ColumnOptions
+
+    return ColumnOptions(url_col=url_col, caption_col=caption_col, id_col=id_col, sha256_col=sha256_col)
+
+
+@command(db_app, "upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the schema (Alembic `upgrade head`)."""
+    from recap.db import database_url_or_default, safe_url, upgrade
+
+    url = database_url_or_default(_settings().database_url)
+    upgrade(url)
+    out.print(f"schema is up to date at {safe_url(url)}")
+
+
+@command(dev_app, "tiny-model")
+def dev_tiny_model(
+    directory: Annotated[Path, typer.Argument(help="Folder to write the model into.")],
+    family: Annotated[str, typer.Option(help="llava, llava-next or mllama.")] = "llava",
+) -> None:
+    """Build a tiny random-weight model (real classes) for tests and offline smoke runs."""
+    if family not in ("llava", "llava-next", "mllama"):
+        raise RecapError(f"unknown family {family!r}: use llava, llava-next or mllama")
+    from workers.tiny_model import build_tiny_model
+
+    path = build_tiny_model(directory, family=family)
+    out.print(f"wrote tiny {family} model to {path}; {TINY_WARNING}")
+
+
+@command(app, "run")
+def run(
+    inputs: Inputs,
+    out_path: Annotated[str, typer.Option("--out", help="Where to export (local path or fsspec URL).")],
+    job: Annotated[Optional[str], typer.Option(help="Job name (default: derived from inputs and model).")] = None,
+    model: ModelOpt = None,
+    limit: LimitOpt = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="parquet or jsonl (default: from --out).")] = None,
+    export_status: Annotated[str, typer.Option(help="Export done, failed or all items.")] = "done",
+    url_col: UrlCol = "url",
+    caption_col: CaptionCol = None,
+    id_col: IdCol = None,
+    sha256_col: ShaCol = None,
+) -> None:
+    """Caption a whole job on this machine: SQLite, no broker, export at the end. Run the
+    same command again to resume."""
+    from producer.export import export_job
+    from producer.jobs import TINY_ALIASES, derive_job_name, open_job
+
+    settings = _settings()
+    model = model or settings.model
+    store = _local_store(create=True)
+    name = job or derive_job_name(inputs, model)
+    job_info = open_job(store, settings, name, model)
+    if model in TINY_ALIASES:
+        err.print(f"[yellow]note:[/yellow] {TINY_WARNING}")
+    _register_with_spinner(store, job_info, inputs, _columns(url_col, caption_col, id_col, sha256_col), limit)
+    _caption_with_progress(settings, store, job_info, model)
+    fmt = fmt or ("jsonl" if out_path.endswith(".jsonl") else "parquet")
+    stats = export_job(store, job_info, out_path, fmt=fmt, status=export_status)
+    _print_summary(store.job_status(job_info))
+    out.print(f"exported {stats.rows} rows to {out_path} (job {name})")
+
+
+def _register_with_spinner(store, job, inputs, columns, limit) -> None:
+    from producer.jobs import register_inputs
+
+    with err.status("reading inputs…") as spinner:
+        stats = register_inputs(
+            store, job, inputs, columns, limit=limit,
+            on_batch=lambda s: spinner.update(f"reading inputs… {s.read:,} read, {s.new:,} new"),
+        )
+    err.print(f"registered {stats.new:,} new items ({stats.duplicates:,} already known or duplicate)")
+
+
+def _caption_with_progress(settings, store, job, model) -> None:
+    from rich.progress import (
+        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    )
+
+    status = store.job_status(job)
+    todo = status["items"]["pending"]
+    if todo == 0:
+        err.print("nothing left to caption")
+        return
+    from workers.engine import load_engine
+    from workers.local import run_job_locally
+
+    with err.status(f"loading {model}…"):
+        engine = load_engine(settings, model)
+    columns = (
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+    )
+    started = time.monotonic()
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task("captioning", total=todo, rate=0.0)
+
+        def advance(results) -> None:
+            done = progress.tasks[0].completed + len(results)
+            progress.update(task, completed=done, rate=done / max(time.monotonic() - started, 1e-6))
+
+        try:
+            run_job_locally(settings, store, job, engine, on_written=advance)
+        except KeyboardInterrupt:
+            progress.stop()
+            err.print("interrupted: finished batches are saved; run the same command again to resume")
+            raise typer.Exit(130) from None
+
+
+def _print_summary(status: dict) -> None:
+    items = status["items"]
+    line = f"{items['done']:,} done, {items['failed']:,} failed, {items['pending']:,} pending"
+    if status["errors"]:
+        line += " · failures: " + ", ".join(f"{k} {v}" for k, v in status["errors"].items())
+    out.print(line, highlight=False)
+
+
+@command(app, "status")
+def status(
+    job: Annotated[Optional[str], typer.Option(help="One job (default: every job, newest first).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (DESIGN.md's shape).")] = False,
+    watch: Annotated[bool, typer.Option(help="Refresh until interrupted.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
+) -> None:
+    """Counts per status, error class and chunk state; rate and ETA."""
+    store = _local_store()
+    jobs = [store.get_job(job)] if job else store.list_jobs()
+    if as_json:
+        payload = [store.job_status(j) for j in jobs]
+        out.print_json(json.dumps(payload[0] if job else payload))
+        return
+    if not watch:
+        out.print(_status_view(store, jobs))
+        return
+    from rich.live import Live
+
+    try:
+        with Live(_status_view(store, jobs), console=out, refresh_per_second=4) as live:
+            while True:
+                time.sleep(interval)
+                live.update(_status_view(store, jobs))
+    except KeyboardInterrupt:
+        pass
+
+
+def _status_view(store, jobs):
+    from rich.table import Table
+
+    table = Table(title="recap jobs", title_justify="left")
+    for column in ("job", "model", "done", "failed", "pending", "chunks r/q/p/d/f", "rate/s", "ETA", "top failures"):
+        table.add_column(column)
+    for job in jobs:
+        s = store.job_status(job)
+        c = s["chunks"]
+        top = ", ".join(f"{k} {v}" for k, v in list(s["errors"].items())[:3])
+        table.add_row(
+            s["job"], s["model"], f"{s['items']['done']:,}", f"{s['items']['failed']:,}",
+            f"{s['items']['pending']:,}",
+            f"{c['running']}/{c['queued']}/{c['pending']}/{c['done']}/{c['failed']}",
+            "-" if s["rate_per_s"] is None else f"{s['rate_per_s']:.1f}",
+            _duration(s["eta_s"]), top or "-",
+        )
+    leases = [lease for lease in store.leases() if lease["expires_in_s"] < 60]
+    if not leases:
+        return table
+    from rich.console import Group
+
+    lines = [
+        f"[yellow]lease expiring[/yellow] chunk {x['chunk_no']} of job {x['job_id']} held by "
+        f"{x['owner']}: {x['expires_in_s']}s left"
+        for x in leases
+    ]
+    return Group(table, *lines)
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+@command(app, "export")
+def export(
+    job: Annotated[str, typer.Option(help="Job name.")],
+    out_path: Annotated[str, typer.Option("--out", help="Local path or fsspec URL.")],
+    fmt: Annotated[str, typer.Option("--format", help="parquet or jsonl.")] = "parquet",
+    export_status: Annotated[str, typer.Option("--status", help="done, failed or all.")] = "done",
+    exclude_flags: Annotated[str, typer.Option(help="Comma-separated quality flags to leave out.")] = "",
+    rows_per_shard: Annotated[int, typer.Option(min=1, help="Rows per shard when --out is a folder.")] = 1_000_000,
+) -> None:
+    """Write a job's results in the Recap-DataComp-1B column layout."""
+    from producer.export import export_job
+
+    store = _local_store()
+    job_info = store.get_job(job)
+    flags = [f.strip() for f in exclude_flags.split(",") if f.strip()]
+    stats = export_job(
+        store, job_info, out_path, fmt=fmt, status=export_status, exclude_flags=flags,
+        rows_per_shard=rows_per_shard,
+    )
+    out.print(f"exported {stats.rows:,} rows in {stats.files} file(s) to {out_path}")
+
+
+@command(app, "submit")
+def submit(
+    inputs: Inputs,
+    job: Annotated[str, typer.Option(help="Job name (run again with the same name to add or resume).")],
+    model: ModelOpt = None,
+    limit: LimitOpt = None,
+    url_col: UrlCol = "url",
+    caption_col: CaptionCol = None,
+    id_col: IdCol = None,
+    sha256_col: ShaCol = None,
+) -> None:
+    """Register a fleet job and its items in PostgreSQL, enqueue chunks up to the queue cap, exit."""
+    from producer.dispatch import Dispatcher
+    from producer.jobs import TINY_ALIASES, open_job
+
+    settings = _settings()
+    store = _fleet_store("submit")
+    model = model or settings.model
+    job_info = open_job(store, settings, job, model)
+    if model in TINY_ALIASES:
+        err.print(f"[yellow]note:[/yellow] {TINY_WARNING}")
+    _register_with_spinner(store, job_info, inputs, _columns(url_col, caption_col, id_col, sha256_col), limit)
+    reports = _dispatch(Dispatcher(store, settings), [job_info])
+    total = store.job_status(job_info)["items"]
+    out.print(
+        f"job {job}: {total['total']:,} items ({total['done']:,} done); "
+        f"enqueued {sum(r.enqueued for r in reports)} chunk(s) on {reports[0].queue if reports else '-'}",
+        highlight=False,
+    )
+
+
+def _dispatch(dispatcher, jobs):
+    from recap.transient import is_transient
+
+    try:
+        return dispatcher.top_up(jobs)
+    except Exception as exc:
+        if is_transient(exc):
+            raise RecapError(
+                f"could not reach the broker ({type(exc).__name__}); the job is registered: "
+                "run `recap reconcile` once Redis is back"
+            ) from None
+        raise
+    finally:
+        dispatcher.close()
+
+
+@command(app, "reconcile")
+def reconcile(job: Annotated[Optional[str], typer.Option(help="Only this job.")] = None) -> None:
+    """Re-enqueue chunks that are pending, whose lease expired, or whose message is gone."""
+    from producer.dispatch import Dispatcher
+
+    settings = _settings()
+    store = _fleet_store("reconcile")
+    jobs = [store.get_job(job)] if job else None
+    reports = _dispatch(Dispatcher(store, settings), jobs)
+    for report in reports:
+        out.print(f"{report.queue}: {report.depth_before} waiting, enqueued {report.enqueued}")
+    if not reports:
+        out.print("nothing to reconcile: no unfinished jobs")
+
+
+@command(app, "retry")
+def retry(
+    job: Annotated[str, typer.Option(help="Job name.")],
+    errors: Annotated[str, typer.Option(help="Comma-separated error classes, e.g. timeout,http_5xx.")],
+) -> None:
+    """Put failed items of these error classes back to pending and re-enqueue their chunks."""
+    from producer.dispatch import Dispatcher
+    from recap.errors import ErrorClass
+
+    classes = [c.strip() for c in errors.split(",") if c.strip()]
+    known = {e.value for e in ErrorClass}
+    unknown = [c for c in classes if c not in known]
+    if unknown or not classes:
+        raise RecapError(f"unknown error class(es) {', '.join(unknown) or '(none)'}; known: {', '.join(sorted(known))}")
+    settings = _settings()
+    store = _fleet_store("retry")
+    job_info = store.get_job(job)
+    count, chunks = store.retry_failed(job_info, classes)
+    _dispatch(Dispatcher(store, settings), [job_info])
+    out.print(f"{count:,} item(s) back to pending in {len(chunks)} chunk(s) of job {job}")
+
+
+@command(app, "worker")
+def worker(
+    gpus: Annotated[str, typer.Option(help="all, none (one CPU worker) or a list like 0,1.")] = "all",
+) -> None:
+    """Start worker processes on this host: one per GPU, or one on the CPU."""
+    from workers.daemon import parse_gpus, run_workers, worker_specs
+
+    settings = _settings()
+    _fleet_store("worker")
+    specs = worker_specs(parse_gpus(gpus), settings)
+    for spec in specs:
+        err.print(f"starting {spec.node_name} on {'GPU ' + spec.gpu if spec.gpu else 'the CPU'}, queue {spec.queue}")
+    raise typer.Exit(run_workers(specs, settings))
+
+
+@command(app, "flower")
+def flower(
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 5555,
+    address: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+) -> None:
+    """Start Flower on this fleet's broker, with basic auth from RECAP_FLOWER_USER/PASSWORD."""
+    import os
+    import subprocess
+
+    settings = _settings()
+    if not settings.flower_user or not settings.flower_password:
+        raise RecapError("recap flower needs RECAP_FLOWER_USER and RECAP_FLOWER_PASSWORD (basic auth)")
+    env = dict(os.environ)
+    # Through the environment, so the password is not on the process list.
+    env["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{settings.flower_password.get_secret_value()}"
+    argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "flower",
+            f"--port={port}", f"--address={address}"]
+    raise typer.Exit(subprocess.call(argv, env=env))
+
+
+def main() -> None:
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Database URLs, engines and migrations."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine, make_url
+
+from recap.errors import FleetConfigError
+from recap.resources import resource_path
+
+LOCAL_DEFAULT_URL = "sqlite:///recap.db"
+
+
+def database_url_or_default(url: str | None = None) -> str:
+    from recap.settings import get_settings
+
+    return url or get_settings().database_url or LOCAL_DEFAULT_URL
+
+
+def normalise_url(url: str) -> str:
+    """`postgresql://` means psycopg 3 here (SQLAlchemy would pick psycopg2)."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def safe_url(url: str) -> str:
+    """The URL with its password masked, for logs and status output."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparseable URL is still not printed with its secret
+        return "<unparseable database URL>"
+
+
+def require_postgres(url: str | None, command: str) -> str:
+    """Fleet commands need PostgreSQL: a one-line reason otherwise."""
+    if not url:
+        raise FleetConfigError(
+            f"recap {command} is a fleet command and needs PostgreSQL: set RECAP_DATABASE_URL "
+            "(e.g. postgresql://user@host/db); for one machine use `recap run`"
+        )
+    if not make_url(url).get_backend_name().startswith("postgres"):
+        raise FleetConfigError(
+            f"recap {command} needs PostgreSQL, but RECAP_DATABASE_URL is {safe_url(url)}; "
+            "SQLite serves only `recap run`"
+        )
+    return url
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers (status, export) never block the run
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+@lru_cache(maxsize=8)
+def get_engine(url: str) -> Engine:
+    url = normalise_url(url)
+    if url.startswith("sqlite"):
+        engine = create_engine(url)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(
+        url,
+        pool_size=2,
+        max_overflow=4,
+        pool_pre_ping=True,  # a failed-over Postgres leaves dead pooled connections behind
+        pool_recycle=1800,
+    )
+
+
+def schema_exists(url: str) -> bool:
+    from sqlalchemy import inspect
+
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+        from pathlib import Path
+
+        if not Path(url.removeprefix("sqlite:///")).exists():
+            return False  # do not leave an empty database file behind
+    return inspect(get_engine(url)).has_table("jobs")
+
+
+def alembic_config(url: str):
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(resource_path("alembic")))
+    config.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))
+    return config
+
+
+def upgrade(url: str) -> None:
+    """Create or migrate the schema (Alembic `upgrade head`)."""
+    from alembic import command
+
+    command.upgrade(alembic_config(url), "head")

@@ -1,0 +1,104 @@
+"""Tables of DESIGN.md: jobs, chunks, items. Postgres is the source of truth; SQLite serves `recap run`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    model: Mapped[str] = mapped_column(String(300))
+    model_revision: Mapped[str | None] = mapped_column(String(100))
+    prompt: Mapped[str] = mapped_column(Text)
+    generation: Mapped[dict] = mapped_column(JSON)
+    chunk_size: Mapped[int] = mapped_column(Integer)
+    # Epoch seconds (database clock) of the first claim: the base of rate and ETA.
+    started_at: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Chunk(Base):
+    """A unit of work. Counters are kept by the writes so `status` never scans items."""
+
+    __tablename__ = "chunks"
+
+    job_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    chunk_no: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    item_count: Mapped[int] = mapped_column(Integer, default=0)
+    done_count: Mapped[int] = mapped_column(Integer, default=0)
+    failed_count: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    # Epoch seconds on the database's clock, so hosts with skewed clocks agree.
+    lease_expires_at: Mapped[float | None] = mapped_column(Float)
+    queued_at: Mapped[float | None] = mapped_column(Float)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # {"error_class": n} of this chunk's failed items, kept with the counters.
+    error_counts: Mapped[dict | None] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+    __table_args__ = (Index("ix_chunks_job_state", "job_id", "state"),)
+
+
+class Item(Base):
+    """One image of a job. No index on status: a billion rows change status once each."""
+
+    __tablename__ = "items"
+
+    job_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    chunk_no: Mapped[int] = mapped_column(Integer)
+    url: Mapped[str] = mapped_column(Text)
+    org_caption: Mapped[str | None] = mapped_column(Text)
+    expected_sha256: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    error_class: Mapped[str | None] = mapped_column(String(32))
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    caption: Mapped[str | None] = mapped_column(Text)
+    flags: Mapped[list | None] = mapped_column(JSON)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    model_revision: Mapped[str | None] = mapped_column(String(100))
+    fetch_ms: Mapped[float | None] = mapped_column(Float)
+    infer_ms: Mapped[float | None] = mapped_column(Float)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_items_job_chunk", "job_id", "chunk_no"),)
+
+
+ITEM_STATUSES = ("pending", "done", "failed")
+CHUNK_STATES = ("pending", "queued", "running", "done", "failed")

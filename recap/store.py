@@ -1,0 +1,793 @@
+"""The store: every read and write of jobs, chunks and items, on PostgreSQL or SQLite.
+
+Every write is an idempotent batch (never a round trip per item), and a `done` item is
+never overwritten: a chunk delivered twice, or re-run after a crash, changes nothing that
+is already done.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from sqlalchemy import bindparam, func, select, update
+from sqlalchemy.engine import Connection
+
+from recap.db import get_engine, normalise_url
+from recap.errors import RecapError
+from recap.records import InputItem, ItemResult
+from recap.schema import Chunk, Item, Job
+from recap.transient import retrying
+
+jobs_t = Job.__table__
+chunks_t = Chunk.__table__
+items_t = Item.__table__
+
+# SQLite allows 32766 bound parameters per statement; keep IN lists well under it.
+_IN_LIST_MAX = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class JobInfo:
+    id: int
+    name: str
+    model: str
+    model_revision: str | None
+    prompt: str
+    generation: dict
+    chunk_size: int
+
+
+@dataclass(slots=True)
+class RegisterStats:
+    read: int = 0
+    new: int = 0
+    duplicates: int = 0
+    chunks: set[int] = field(default_factory=set)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    claimed: bool
+    reason: str = ""  # why not: done, failed, leased, exhausted, missing
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRef:
+    job_id: int
+    chunk_no: int
+
+
+def _chunked(seq: list, size: int = _IN_LIST_MAX) -> Iterator[list]:
+    for start in range(0, len(seq), size):
+        yield seq[start : start + size]
+
+
+class Store:
+    def __init__(self, url: str, retry_s: float = 0.0):
+        self.url = normalise_url(url)
+        self.retry_s = retry_s  # workers wait out a database outage; the CLI fails fast
+        self.engine = get_engine(self.url)
+        self.dialect = self.engine.dialect.name
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _insert(self, table):
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        return insert(table)
+
+    def now(self, conn: Connection) -> float:
+        """Epoch seconds on the database's clock: leases agree across skewed hosts."""
+        if self.dialect == "postgresql":
+            expr = func.extract("epoch", func.clock_timestamp())
+        else:
+            expr = (func.julianday("now") - 2440587.5) * 86400.0
+        return float(conn.execute(select(expr)).scalar_one())
+
+    # -- jobs ------------------------------------------------------------------------
+
+    def ensure_job(
+        self,
+        name: str,
+        model: str,
+        prompt: str,
+        generation: dict,
+        chunk_size: int,
+        model_revision: str | None = None,
+    ) -> JobInfo:
+        """Create the job, or return it when it exists with the same model and prompt."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                self._insert(jobs_t)
+                .values(
+                    name=name,
+                    model=model,
+                    model_revision=model_revision,
+                    prompt=prompt,
+                    generation=generation,
+                    chunk_size=chunk_size,
+                )
+                .on_conflict_do_nothing(index_elements=["name"])
+            )
+        job = self.get_job(name)
+        if job.model != model or job.prompt != prompt:
+            raise RecapError(
+                f"job {name!r} already exists with model {job.model!r} and its own prompt; "
+                "a job owns its model and prompt: pick another --job name"
+            )
+        return job
+
+    def get_job(self, name: str) -> JobInfo:
+        job = self.find_job(name)
+        if job is None:
+            raise RecapError(f"no job named {name!r} (see `recap status` for the jobs)")
+        return job
+
+    def find_job(self, name: str) -> JobInfo | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs_t).where(jobs_t.c.name == name)).mappings().first()
+        return self._job_info(row) if row else None
+
+    def job_by_id(self, job_id: int) -> JobInfo:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs_t).where(jobs_t.c.id == job_id)).mappings().one()
+        return self._job_info(row)
+
+    def list_jobs(self) -> list[JobInfo]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(jobs_t).order_by(jobs_t.c.id.desc())).mappings().all()
+        return [self._job_info(r) for r in rows]
+
+    @staticmethod
+    def _job_info(row) -> JobInfo:
+        return JobInfo(
+            id=row["id"],
+            name=row["name"],
+            model=row["model"],
+            model_revision=row["model_revision"],
+            prompt=row["prompt"],
+            generation=row["generation"],
+            chunk_size=row["chunk_size"],
+        )
+
+    def set_model_revision(self, job_id: int, revision: str | None) -> None:
+        if not revision:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(jobs_t)
+                .where(jobs_t.c.id == job_id, jobs_t.c.model_revision.is_(None))
+                .values(model_revision=revision)
+            )
+
+    # -- registration ----------------------------------------------------------------
+
+    def register_items(
+        self,
+        job: JobInfo,
+        batches: Iterable[list[InputItem]],
+        on_batch: Callable[[RegisterStats], None] | None = None,
+        limit: int | None = None,
+    ) -> RegisterStats:
+        """Add items deduplicated by key, cut into new chunks of the job's chunk size."""
+        stats = RegisterStats()
+        cursor = _ChunkCursor(self._next_chunk_no(job.id), job.chunk_size)
+        for batch in batches:
+            if limit is not None:
+                batch = batch[: max(0, limit - stats.read)]
+            if not batch:
+                break
+            stats.read += len(batch)
+            self._register_batch(job, batch, cursor, stats)
+            if on_batch:
+                on_batch(stats)
+            if limit is not None and stats.read >= limit:
+                break
+        return stats
+
+    def _next_chunk_no(self, job_id: int) -> int:
+        with self.engine.connect() as conn:
+            last = conn.execute(
+                select(func.max(chunks_t.c.chunk_no)).where(chunks_t.c.job_id == job_id)
+            ).scalar()
+        return 0 if last is None else last + 1
+
+    def _register_batch(
+        self, job: JobInfo, batch: list[InputItem], cursor: "_ChunkCursor", stats: RegisterStats
+    ) -> None:
+        unique = list({item.key: item for item in reversed(batch)}.values())[::-1]
+        with self.engine.begin() as conn:
+            existing = self._existing_keys(conn, job.id, [i.key for i in unique])
+            new_items = [i for i in unique if i.key not in existing]
+            rows = [
+                {
+                    "job_id": job.id,
+                    "key": item.key,
+                    "chunk_no": cursor.take(),
+                    "url": item.url,
+                    "org_caption": item.org_caption,
+                    "expected_sha256": item.expected_sha256,
+                    "status": "pending",
+                    "attempts": 0,
+                }
+                for item in new_items
+            ]
+            inserted = Counter()
+            for part in _chunked(rows, 1000):
+                stmt = (
+                    self._insert(items_t)
+                    .on_conflict_do_nothing(index_elements=["job_id", "key"])
+                    .returning(items_t.c.chunk_no)
+                )
+                result = conn.execute(stmt, part)
+                inserted.update(row[0] for row in result)
+            self._add_to_chunks(conn, job.id, inserted)
+        stats.new += sum(inserted.values())
+        stats.duplicates += len(batch) - sum(inserted.values())
+        stats.chunks.update(inserted)
+
+    def _existing_keys(self, conn: Connection, job_id: int, keys: list[str]) -> set[str]:
+        found: set[str] = set()
+        for part in _chunked(keys):
+            found.update(
+                conn.execute(
+                    select(items_t.c.key).where(items_t.c.job_id == job_id, items_t.c.key.in_(part))
+                ).scalars()
+            )
+        return found
+
+    def _add_to_chunks(self, conn: Connection, job_id: int, counts: Counter) -> None:
+        if not counts:
+            return
+        stmt = self._insert(chunks_t)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["job_id", "chunk_no"],
+            set_={"item_count": chunks_t.c.item_count + stmt.excluded.item_count},
+        )
+        conn.execute(
+            stmt,
+            [
+                {
+                    "job_id": job_id,
+                    "chunk_no": chunk_no,
+                    "state": "pending",
+                    "item_count": n,
+                    "done_count": 0,
+                    "failed_count": 0,
+                    "attempts": 0,
+                }
+                for chunk_no, n in sorted(counts.items())
+            ],
+        )
+
+    # -- claiming and leases ---------------------------------------------------------
+
+    @retrying
+    def claim_chunk(
+        self,
+        job_id: int,
+        chunk_no: int,
+        owner: str,
+        lease_s: float,
+        max_attempts: int,
+        force: bool = False,
+    ) -> Claim:
+        """Take the lease on a chunk before working on it.
+
+        `force` (single-machine `recap run`, which owns its database) ignores other
+        owners' leases and the attempts limit.
+        """
+        with self.engine.begin() as conn:
+            chunk = self._lock_chunk(conn, job_id, chunk_no)
+            if chunk is None:
+                return Claim(False, "missing")
+            now = self.now(conn)
+            refusal = self._claim_refusal(chunk, owner, now, max_attempts, force)
+            if refusal == "exhausted":
+                self._set_chunk(
+                    conn, job_id, chunk_no,
+                    state="failed", lease_owner=None, lease_expires_at=None,
+                    last_error=f"gave up after {chunk['attempts']} attempts; last error: "
+                    f"{chunk['last_error'] or 'worker died or timed out'}",
+                )
+            if refusal:
+                return Claim(False, refusal)
+            self._set_chunk(
+                conn, job_id, chunk_no,
+                state="running", lease_owner=owner, lease_expires_at=now + lease_s,
+                attempts=chunk["attempts"] + 1,
+            )
+            conn.execute(
+                update(jobs_t)
+                .where(jobs_t.c.id == job_id, jobs_t.c.started_at.is_(None))
+                .values(started_at=now)
+            )
+        return Claim(True)
+
+    @staticmethod
+    def _claim_refusal(chunk, owner: str, now: float, max_attempts: int, force: bool) -> str:
+        if chunk["state"] == "done":
+            return "done"
+        if force:
+            return ""
+        if chunk["state"] == "failed":
+            return "failed"
+        lease_live = (chunk["lease_expires_at"] or 0) > now
+        if chunk["state"] == "running" and lease_live and chunk["lease_owner"] != owner:
+            return "leased"
+        if chunk["attempts"] >= max_attempts:
+            return "exhausted"
+        return ""
+
+    def _lock_chunk(self, conn: Connection, job_id: int, chunk_no: int):
+        return (
+            conn.execute(
+                select(chunks_t)
+                .where(chunks_t.c.job_id == job_id, chunks_t.c.chunk_no == chunk_no)
+                .with_for_update()
+            )
+            .mappings()
+            .first()
+        )
+
+    @staticmethod
+    def _set_chunk(conn: Connection, job_id: int, chunk_no: int, **values) -> None:
+        conn.execute(
+            update(chunks_t)
+            .where(chunks_t.c.job_id == job_id, chunks_t.c.chunk_no == chunk_no)
+            .values(updated_at=func.now(), **values)
+        )
+
+    @retrying
+    def renew_lease(self, job_id: int, chunk_no: int, owner: str, lease_s: float) -> bool:
+        """Extend our lease; False when the chunk is no longer ours."""
+        with self.engine.begin() as conn:
+            now = self.now(conn)
+            result = conn.execute(
+                update(chunks_t)
+                .where(
+                    chunks_t.c.job_id == job_id,
+                    chunks_t.c.chunk_no == chunk_no,
+                    chunks_t.c.lease_owner == owner,
+                    chunks_t.c.state == "running",
+                )
+                .values(lease_expires_at=now + lease_s)
+            )
+        return result.rowcount == 1
+
+    @retrying
+    def finish_chunk(self, job_id: int, chunk_no: int, owner: str) -> str:
+        """Release our lease: `done` when every item is, else back to `pending`."""
+        with self.engine.begin() as conn:
+            chunk = self._lock_chunk(conn, job_id, chunk_no)
+            if chunk is None or chunk["state"] in ("done", "failed"):
+                return chunk["state"] if chunk else "missing"
+            complete = chunk["done_count"] + chunk["failed_count"] >= chunk["item_count"]
+            state = "done" if complete else "pending"
+            self._set_chunk(
+                conn, job_id, chunk_no, state=state, lease_owner=None, lease_expires_at=None
+            )
+        return state
+
+    @retrying
+    def release_chunk(
+        self, job_id: int, chunk_no: int, owner: str, error: str | None = None,
+        count_attempt: bool = True,
+    ) -> None:
+        """Give a chunk back (a crash in the task, or a graceful stop) so it is picked up again."""
+        with self.engine.begin() as conn:
+            chunk = self._lock_chunk(conn, job_id, chunk_no)
+            if chunk is None or chunk["lease_owner"] != owner or chunk["state"] != "running":
+                return
+            values: dict = {"state": "pending", "lease_owner": None, "lease_expires_at": None}
+            if error:
+                values["last_error"] = error[:2000]
+            if not count_attempt:
+                values["attempts"] = max(0, chunk["attempts"] - 1)
+            self._set_chunk(conn, job_id, chunk_no, **values)
+
+    # -- dispatch --------------------------------------------------------------------
+
+    def unfinished_jobs(self) -> list[JobInfo]:
+        """Jobs with chunks still pending, queued or running."""
+        with self.engine.connect() as conn:
+            ids = set(
+                conn.execute(
+                    select(chunks_t.c.job_id)
+                    .where(chunks_t.c.state.in_(["pending", "queued", "running"]))
+                    .distinct()
+                ).scalars()
+            )
+        return [job for job in self.list_jobs() if job.id in ids]
+
+    def count_chunks(self, job_ids: list[int], state: str) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(func.count())
+                .select_from(chunks_t)
+                .where(chunks_t.c.job_id.in_(job_ids), chunks_t.c.state == state)
+            ).scalar_one()
+
+    @retrying
+    def take_chunks_to_enqueue(
+        self,
+        job_ids: list[int],
+        room: int,
+        lost: int,
+        send: Callable[[list[ChunkRef]], None],
+    ) -> list[ChunkRef]:
+        """Mark chunks `queued` and send their messages, in one transaction.
+
+        In order: chunks whose lease expired (their worker died), the oldest `lost` queued
+        chunks (their message is gone, e.g. Redis was emptied), then pending chunks, up to
+        `room`. Rows are taken with FOR UPDATE SKIP LOCKED, so two dispatchers never take
+        the same chunk; a failed send rolls the marks back. A chunk sent twice is harmless:
+        the second delivery finds it claimed or done.
+        """
+        if room <= 0 or not job_ids:
+            return []
+        with self.engine.begin() as conn:
+            now = self.now(conn)
+            base = chunks_t.c.job_id.in_(job_ids)
+            wanted = [
+                (base & (chunks_t.c.state == "running") & (chunks_t.c.lease_expires_at < now),
+                 chunks_t.c.lease_expires_at, room),
+                (base & (chunks_t.c.state == "queued"), chunks_t.c.queued_at, min(lost, room)),
+                (base & (chunks_t.c.state == "pending"), chunks_t.c.chunk_no, room),
+            ]
+            refs: list[ChunkRef] = []
+            for condition, order, limit in wanted:
+                limit = min(limit, room - len(refs))
+                if limit > 0:
+                    refs += self._lock_some(conn, condition, order, limit)
+            if not refs:
+                return []
+            for ref in refs:
+                self._set_chunk(conn, ref.job_id, ref.chunk_no, state="queued", queued_at=now)
+            send(refs)
+        return refs
+
+    def _lock_some(self, conn: Connection, condition, order, limit: int) -> list[ChunkRef]:
+        rows = conn.execute(
+            select(chunks_t.c.job_id, chunks_t.c.chunk_no)
+            .where(condition)
+            .order_by(order)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        return [ChunkRef(r.job_id, r.chunk_no) for r in rows]
+
+    # -- items -----------------------------------------------------------------------
+
+    @retrying
+    def pending_items(self, job_id: int, chunk_no: int) -> list[InputItem]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    items_t.c.key, items_t.c.url, items_t.c.org_caption, items_t.c.expected_sha256
+                )
+                .where(
+                    items_t.c.job_id == job_id,
+                    items_t.c.chunk_no == chunk_no,
+                    items_t.c.status == "pending",
+                )
+                .order_by(items_t.c.key)
+            ).all()
+        return [InputItem(r.key, r.url, r.org_caption, r.expected_sha256) for r in rows]
+
+    @retrying
+    def write_results(
+        self,
+        job_id: int,
+        chunk_no: int,
+        results: list[ItemResult],
+        model_revision: str | None = None,
+    ) -> int:
+        """Write a batch of final results; returns how many items changed.
+
+        The chunk row is locked first (the same order everywhere), then the items; a done
+        item is never overwritten and the chunk's counters move by the real transitions.
+        """
+        if not results:
+            return 0
+        with self.engine.begin() as conn:
+            chunk = self._lock_chunk(conn, job_id, chunk_no)
+            if chunk is None:
+                return 0
+            before = self._item_states(conn, job_id, [r.key for r in results])
+            to_write = [r for r in results if r.key in before and before[r.key][0] != "done"]
+            self._update_items(conn, job_id, to_write, model_revision)
+            self._move_counters(conn, chunk, to_write, before)
+        return len(to_write)
+
+    def _item_states(
+        self, conn: Connection, job_id: int, keys: list[str]
+    ) -> dict[str, tuple[str, str | None]]:
+        states: dict[str, tuple[str, str | None]] = {}
+        for part in _chunked(keys):
+            rows = conn.execute(
+                select(items_t.c.key, items_t.c.status, items_t.c.error_class)
+                .where(items_t.c.job_id == job_id, items_t.c.key.in_(part))
+                .with_for_update()
+            )
+            states.update({r.key: (r.status, r.error_class) for r in rows})
+        return states
+
+    def _update_items(
+        self, conn: Connection, job_id: int, results: list[ItemResult], model_revision: str | None
+    ) -> None:
+        if not results:
+            return
+        stmt = (
+            update(items_t)
+            .where(
+                items_t.c.job_id == bindparam("b_job_id"),
+                items_t.c.key == bindparam("b_key"),
+                items_t.c.status != "done",
+            )
+            .values(
+                status=bindparam("b_status"),
+                caption=bindparam("b_caption"),
+                flags=bindparam("b_flags"),
+                error_class=bindparam("b_error_class"),
+                error=bindparam("b_error"),
+                sha256=bindparam("b_sha256"),
+                width=bindparam("b_width"),
+                height=bindparam("b_height"),
+                fetch_ms=bindparam("b_fetch_ms"),
+                infer_ms=bindparam("b_infer_ms"),
+                worker=bindparam("b_worker"),
+                model_revision=bindparam("b_model_revision"),
+                attempts=items_t.c.attempts + 1,
+                updated_at=func.now(),
+            )
+        )
+        conn.execute(
+            stmt,
+            [
+                {
+                    "b_job_id": job_id,
+                    "b_key": r.key,
+                    "b_status": r.status,
+                    "b_caption": r.caption,
+                    "b_flags": r.flags,
+                    "b_error_class": r.error_class,
+                    "b_error": r.error,
+                    "b_sha256": r.sha256,
+                    "b_width": r.width,
+                    "b_height": r.height,
+                    "b_fetch_ms": r.fetch_ms,
+                    "b_infer_ms": r.infer_ms,
+                    "b_worker": r.worker,
+                    "b_model_revision": model_revision if r.status == "done" else None,
+                }
+                for r in results
+            ],
+        )
+
+    def _move_counters(self, conn: Connection, chunk, results: list[ItemResult], before) -> None:
+        if not results:
+            return
+        done, failed = chunk["done_count"], chunk["failed_count"]
+        errors = Counter(chunk["error_counts"] or {})
+        for r in results:
+            old_status, old_class = before[r.key]
+            if old_status == "failed":
+                failed -= 1
+                errors[old_class] -= 1
+            if r.status == "done":
+                done += 1
+            else:
+                failed += 1
+                errors[r.error_class] += 1
+        self._set_chunk(
+            conn, chunk["job_id"], chunk["chunk_no"],
+            done_count=done, failed_count=failed,
+            error_counts={k: v for k, v in errors.items() if v > 0} or None,
+        )
+
+    # -- retry -----------------------------------------------------------------------
+
+    def retry_failed(self, job: JobInfo, error_classes: list[str]) -> tuple[int, list[int]]:
+        """Failed items of these classes back to `pending`; returns (items, chunk numbers)."""
+        with self.engine.begin() as conn:
+            candidates = conn.execute(
+                select(chunks_t.c.chunk_no, chunks_t.c.error_counts).where(
+                    chunks_t.c.job_id == job.id, chunks_t.c.failed_count > 0
+                )
+            ).all()
+            chunk_nos = [
+                c.chunk_no for c in candidates
+                if any((c.error_counts or {}).get(cls) for cls in error_classes)
+            ]
+            total = 0
+            for chunk_no in chunk_nos:
+                total += self._retry_chunk(conn, job.id, chunk_no, error_classes)
+        return total, chunk_nos
+
+    def _retry_chunk(self, conn: Connection, job_id: int, chunk_no: int, classes: list[str]) -> int:
+        chunk = self._lock_chunk(conn, job_id, chunk_no)
+        result = conn.execute(
+            update(items_t)
+            .where(
+                items_t.c.job_id == job_id,
+                items_t.c.chunk_no == chunk_no,
+                items_t.c.status == "failed",
+                items_t.c.error_class.in_(classes),
+            )
+            .values(status="pending", error_class=None, error=None, updated_at=func.now())
+        )
+        errors = Counter(chunk["error_counts"] or {})
+        for cls in classes:
+            errors.pop(cls, None)
+        state = chunk["state"] if chunk["state"] == "running" else "pending"
+        self._set_chunk(
+            conn, job_id, chunk_no,
+            state=state, attempts=0, last_error=None,
+            failed_count=chunk["failed_count"] - result.rowcount,
+            error_counts=dict(errors) or None,
+        )
+        return result.rowcount
+
+    # -- status ----------------------------------------------------------------------
+
+    def job_status(self, job: JobInfo) -> dict:
+        """DESIGN.md's status object, from the per-chunk counters only."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    chunks_t.c.state,
+                    func.count(),
+                    func.coalesce(func.sum(chunks_t.c.item_count), 0),
+                    func.coalesce(func.sum(chunks_t.c.done_count), 0),
+                    func.coalesce(func.sum(chunks_t.c.failed_count), 0),
+                )
+                .where(chunks_t.c.job_id == job.id)
+                .group_by(chunks_t.c.state)
+            ).all()
+            error_rows = conn.execute(
+                select(chunks_t.c.error_counts).where(
+                    chunks_t.c.job_id == job.id, chunks_t.c.failed_count > 0
+                )
+            ).scalars()
+            errors = Counter()
+            for counts in error_rows:
+                errors.update(counts or {})
+            started_at = conn.execute(
+                select(jobs_t.c.started_at).where(jobs_t.c.id == job.id)
+            ).scalar()
+            now = self.now(conn)
+            last_write = self._last_write(conn, job.id)
+        chunks = {state: 0 for state in ("pending", "queued", "running", "done", "failed")}
+        total = done = failed = 0
+        for state, n, items, d, f in rows:
+            chunks[state] = int(n)
+            total, done, failed = total + int(items), done + int(d), failed + int(f)
+        pending = total - done - failed
+        rate, eta = _rate_and_eta(done + failed, pending, started_at, now, last_write)
+        return {
+            "job": job.name,
+            "model": job.model,
+            "items": {"total": total, "pending": pending, "done": done, "failed": failed},
+            "errors": dict(sorted(errors.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "chunks": chunks,
+            "rate_per_s": rate,
+            "eta_s": eta,
+        }
+
+    def _last_write(self, conn: Connection, job_id: int) -> float | None:
+        """Epoch seconds of the newest chunk update (the end of a finished job)."""
+        newest = conn.execute(
+            select(func.max(chunks_t.c.updated_at)).where(
+                chunks_t.c.job_id == job_id, chunks_t.c.state.in_(["done", "failed"])
+            )
+        ).scalar()
+        if newest is None:
+            return None
+        if isinstance(newest, str):  # SQLite without type info on aggregates
+            from datetime import datetime, timezone
+
+            newest = datetime.fromisoformat(newest)
+            if newest.tzinfo is None:
+                newest = newest.replace(tzinfo=timezone.utc)
+        elif newest.tzinfo is None:
+            from datetime import timezone
+
+            newest = newest.replace(tzinfo=timezone.utc)
+        return newest.timestamp()
+
+    def chunk_states(self, job_id: int, states: Iterable[str]) -> list[int]:
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(chunks_t.c.chunk_no)
+                    .where(chunks_t.c.job_id == job_id, chunks_t.c.state.in_(list(states)))
+                    .order_by(chunks_t.c.chunk_no)
+                ).scalars()
+            )
+
+    def leases(self, job_id: int | None = None) -> list[dict]:
+        """Running chunks with their owners and seconds left on the lease."""
+        with self.engine.connect() as conn:
+            now = self.now(conn)
+            query = select(
+                chunks_t.c.job_id, chunks_t.c.chunk_no, chunks_t.c.lease_owner,
+                chunks_t.c.lease_expires_at,
+            ).where(chunks_t.c.state == "running")
+            if job_id is not None:
+                query = query.where(chunks_t.c.job_id == job_id)
+            rows = conn.execute(query).all()
+        return [
+            {
+                "job_id": r.job_id,
+                "chunk_no": r.chunk_no,
+                "owner": r.lease_owner,
+                "expires_in_s": round((r.lease_expires_at or now) - now, 1),
+            }
+            for r in rows
+        ]
+
+    # -- export ----------------------------------------------------------------------
+
+    def iter_items(
+        self,
+        job: JobInfo,
+        statuses: list[str],
+        batch_rows: int = 10_000,
+        since=None,
+    ) -> Iterator[list[dict]]:
+        """Stream a job's items in key order, in batches, over a server-side cursor."""
+        columns = [
+            items_t.c.key, items_t.c.url, items_t.c.caption, items_t.c.org_caption,
+            items_t.c.sha256, items_t.c.status, items_t.c.error_class, items_t.c.error,
+            items_t.c.width, items_t.c.height, items_t.c.model_revision, items_t.c.flags,
+            items_t.c.updated_at,
+        ]
+        query = select(*columns).where(items_t.c.job_id == job.id)
+        if set(statuses) != {"pending", "done", "failed"}:
+            query = query.where(items_t.c.status.in_(statuses))
+        if since is not None:
+            query = query.where(items_t.c.updated_at >= since)
+        query = query.order_by(items_t.c.key)
+        # One transaction: the export is a consistent snapshot on PostgreSQL (REPEATABLE READ).
+        with self.engine.connect() as conn:
+            if self.dialect == "postgresql":
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                result = conn.execution_options(stream_results=True, yield_per=batch_rows).execute(
+                    query
+                )
+                for part in result.mappings().partitions(batch_rows):
+                    yield [dict(row) for row in part]
+
+
+class _ChunkCursor:
+    """Hands out chunk numbers for new items, `size` per chunk."""
+
+    def __init__(self, first_chunk_no: int, size: int):
+        self.chunk_no = first_chunk_no
+        self.size = size
+        self.fill = 0
+
+    def take(self) -> int:
+        if self.fill == self.size:
+            self.chunk_no += 1
+            self.fill = 0
+        self.fill += 1
+        return self.chunk_no
+
+
+def _rate_and_eta(
+    processed: int, pending: int, started_at: float | None, now: float, last_write: float | None
+) -> tuple[float | None, float | None]:
+    if not started_at or processed == 0:
+        return None, None
+    end = now if pending else (last_write or now)
+    elapsed = max(end - started_at, 1e-3)
+    rate = processed / elapsed
+    return round(rate, 3), (round(pending / rate, 1) if pending else 0.0)
+

@@ -1,0 +1,133 @@
+"""The store on SQLite and PostgreSQL: idempotent registration and writes, leases, counters."""
+
+from __future__ import annotations
+
+import pytest
+
+from recap.errors import RecapError
+from recap.records import InputItem, ItemResult
+
+
+def _job(store, name="j", chunk_size=4):
+    return store.ensure_job(name, "tiny", "describe", {"max_new_tokens": 8}, chunk_size)
+
+
+def _items(n, prefix="k"):
+    return [InputItem(f"{prefix}{i:04d}", f"http://127.0.0.1/{prefix}{i}.jpg") for i in range(n)]
+
+
+def test_register_dedups_by_key_and_cuts_chunks(store):
+    job = _job(store)
+    items = _items(10)
+    stats = store.register_items(job, [items[:6], items[4:] + items[:2]])
+    assert (stats.new, stats.duplicates) == (10, 4)  # 14 read
+    status = store.job_status(job)
+    assert status["items"] == {"total": 10, "pending": 10, "done": 0, "failed": 0}
+    assert status["chunks"]["pending"] == 3  # 4 + 4 + 2
+
+    again = store.register_items(job, [items])
+    assert again.new == 0
+    assert store.job_status(job)["items"]["total"] == 10
+
+    more = store.register_items(job, [items + _items(3, prefix="new")])
+    assert more.new == 3
+    assert store.job_status(job)["chunks"]["pending"] == 4
+
+
+def test_limit_takes_the_first_items(store):
+    job = _job(store)
+    stats = store.register_items(job, [_items(5), _items(5, "b")], limit=7)
+    assert stats.new == 7
+
+
+def test_a_job_owns_its_model(store):
+    _job(store)
+    with pytest.raises(RecapError, match="already exists with model"):
+        store.ensure_job("j", "other-model", "describe", {}, 4)
+
+
+def test_done_item_is_never_overwritten_and_counters_follow_transitions(store):
+    job = _job(store)
+    store.register_items(job, [_items(4)])
+    assert store.claim_chunk(job.id, 0, "w1", 60, 3).claimed
+    store.write_results(job.id, 0, [
+        ItemResult("k0000", "done", caption="a cat"),
+        ItemResult("k0001", "failed", error_class="timeout", error="slow"),
+    ])
+    # A late duplicate delivery writes the same items again, differently.
+    changed = store.write_results(job.id, 0, [
+        ItemResult("k0000", "failed", error_class="http_5xx", error="late"),
+        ItemResult("k0001", "done", caption="a dog"),
+    ])
+    assert changed == 1  # only the failed item moved
+    status = store.job_status(job)
+    assert status["items"] == {"total": 4, "pending": 2, "done": 2, "failed": 0}
+    assert status["errors"] == {}
+    rows = {r["key"]: r for batch in store.iter_items(job, ["done"]) for r in batch}
+    assert rows["k0000"]["caption"] == "a cat"
+
+
+def test_leases_exclude_other_workers_until_they_expire(store):
+    job = _job(store)
+    store.register_items(job, [_items(4)])
+    assert store.claim_chunk(job.id, 0, "w1", 60, 3).claimed
+    assert store.claim_chunk(job.id, 0, "w2", 60, 3).reason == "leased"
+    assert store.renew_lease(job.id, 0, "w1", 0.01)
+    import time
+
+    time.sleep(0.05)
+    assert store.claim_chunk(job.id, 0, "w2", 60, 3).claimed
+    assert not store.renew_lease(job.id, 0, "w1", 60)  # w1 lost it
+
+
+def test_attempts_limit_fails_a_poison_chunk(store):
+    job = _job(store)
+    store.register_items(job, [_items(4)])
+    for _ in range(2):
+        assert store.claim_chunk(job.id, 0, "w", 60, 2).claimed
+        store.release_chunk(job.id, 0, "w", error="RuntimeError: boom")
+    claim = store.claim_chunk(job.id, 0, "w", 60, 2)
+    assert claim.reason == "exhausted"
+    assert store.job_status(job)["chunks"]["failed"] == 1
+
+
+def test_finish_marks_done_only_when_every_item_is(store):
+    job = _job(store)
+    store.register_items(job, [_items(2)])
+    store.claim_chunk(job.id, 0, "w", 60, 3)
+    store.write_results(job.id, 0, [ItemResult("k0000", "done", caption="x")])
+    assert store.finish_chunk(job.id, 0, "w") == "pending"
+    store.claim_chunk(job.id, 0, "w", 60, 3)
+    store.write_results(job.id, 0, [ItemResult("k0001", "failed", error_class="not_image", error="html")])
+    assert store.finish_chunk(job.id, 0, "w") == "done"
+    assert store.claim_chunk(job.id, 0, "w", 60, 3).reason == "done"
+
+
+def test_retry_puts_failed_items_of_a_class_back(store):
+    job = _job(store)
+    store.register_items(job, [_items(4)])
+    store.claim_chunk(job.id, 0, "w", 60, 3)
+    store.write_results(job.id, 0, [
+        ItemResult("k0000", "failed", error_class="timeout", error="t"),
+        ItemResult("k0001", "failed", error_class="not_image", error="n"),
+        ItemResult("k0002", "done", caption="c"),
+        ItemResult("k0003", "done", caption="d"),
+    ])
+    store.finish_chunk(job.id, 0, "w")
+    count, chunks = store.retry_failed(job, ["timeout"])
+    assert (count, chunks) == (1, [0])
+    status = store.job_status(job)
+    assert status["items"] == {"total": 4, "pending": 1, "done": 2, "failed": 1}
+    assert status["errors"] == {"not_image": 1}
+    assert status["chunks"]["pending"] == 1
+    assert [i.key for i in store.pending_items(job.id, 0)] == ["k0000"]
+
+
+def test_status_has_rate_and_eta_once_work_started(store):
+    job = _job(store)
+    store.register_items(job, [_items(8)])
+    assert store.job_status(job)["rate_per_s"] is None
+    store.claim_chunk(job.id, 0, "w", 60, 3)
+    store.write_results(job.id, 0, [ItemResult(f"k000{i}", "done", caption="c") for i in range(4)])
+    status = store.job_status(job)
+    assert status["rate_per_s"] > 0 and status["eta_s"] is not None and status["eta_s"] >= 0

@@ -1,0 +1,98 @@
+"""`recap worker`: one Celery worker process per GPU on this host (or one on the CPU).
+
+This parent never touches CUDA (a forked child could then not initialise it): GPUs are
+listed with nvidia-smi, and each child sees only its own through CUDA_VISIBLE_DEVICES.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from recap.errors import RecapError
+from recap.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    gpu: str | None  # None: CPU
+    node_name: str
+    queue: str
+
+    def env(self, base: dict[str, str]) -> dict[str, str]:
+        env = dict(base)
+        env["CUDA_VISIBLE_DEVICES"] = self.gpu if self.gpu is not None else ""
+        env["RECAP_WORKER_NAME"] = self.node_name
+        if self.gpu is None:
+            env["RECAP_DEVICE"] = env.get("RECAP_DEVICE", "cpu")
+        return env
+
+
+def detect_gpus() -> list[str]:
+    """GPU indices from nvidia-smi, without importing torch."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        listing = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout
+    except (subprocess.SubprocessError, OSError):
+        return []
+    return [line.strip() for line in listing.splitlines() if line.strip()]
+
+
+def parse_gpus(spec: str) -> list[str | None]:
+    spec = spec.strip().lower()
+    if spec == "none":
+        return [None]
+    if spec == "all":
+        return list(detect_gpus()) or [None]
+    ids = [part.strip() for part in spec.split(",") if part.strip()]
+    if not ids or not all(part.isdigit() for part in ids):
+        raise RecapError(f"--gpus takes all, none or a list like 0,1; got {spec!r}")
+    return ids
+
+
+def worker_specs(gpus: list[str | None], settings: Settings) -> list[WorkerSpec]:
+    from workers.celery_app import queue_name
+
+    host, pid = socket.gethostname(), os.getpid()
+    queue = queue_name(settings.model)
+    return [
+        WorkerSpec(gpu, f"recap-{'cpu' if gpu is None else 'gpu' + gpu}-{pid}@{host}", queue)
+        for gpu in gpus
+    ]
+
+
+def celery_argv(spec: WorkerSpec, settings: Settings, app_module: str = "workers.celery_app") -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", app_module, "worker",
+        "--pool", "prefork", "--concurrency", "1",
+        "-Q", spec.queue, "-n", spec.node_name, "-E",
+        "--without-gossip", "--without-mingle",
+        "--loglevel", settings.log_level,
+    ]
+
+
+def run_workers(specs: list[WorkerSpec], settings: Settings, app_module: str = "workers.celery_app") -> int:
+    """Start one child per spec, pass SIGTERM/SIGINT on, wait for all; worst exit code wins."""
+    children = [
+        subprocess.Popen(celery_argv(spec, settings, app_module), env=spec.env(dict(os.environ)))
+        for spec in specs
+    ]
+
+    def forward(signum, _frame) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [child.wait() for child in children]
+    return max(codes, default=0)

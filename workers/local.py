@@ -1,0 +1,50 @@
+"""`recap run`: the whole job on one machine, chunk by chunk, through the fleet's pipeline."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+
+from recap.records import ItemResult
+from recap.settings import Settings
+from recap.store import JobInfo, Store
+from workers.pipeline import CaptionPipeline, ChunkOutcome
+
+UNFINISHED = ("pending", "queued", "running")
+
+
+def local_worker_name() -> str:
+    return f"recap-local-{os.getpid()}@{socket.gethostname()}"
+
+
+def run_job_locally(
+    settings: Settings,
+    store: Store,
+    job: JobInfo,
+    engine,
+    on_written: Callable[[list[ItemResult]], None] | None = None,
+) -> list[ChunkOutcome]:
+    """Caption every unfinished chunk. This process owns the database, so it takes over
+    chunks left `running` by a killed earlier run (`force`)."""
+    worker = local_worker_name()
+    store.set_model_revision(job.id, engine.revision)
+    pipeline = CaptionPipeline(settings, engine, store, worker)
+    outcomes = []
+    try:
+        for chunk_no in store.chunk_states(job.id, UNFINISHED):
+            claim = store.claim_chunk(
+                job.id, chunk_no, worker, settings.lease_s, settings.chunk_max_attempts, force=True
+            )
+            if not claim.claimed:
+                continue
+            try:
+                outcome = pipeline.run_chunk(job, chunk_no, on_written=on_written)
+            except BaseException:
+                store.release_chunk(job.id, chunk_no, worker, count_attempt=False)
+                raise
+            outcome.state = store.finish_chunk(job.id, chunk_no, worker)
+            outcomes.append(outcome)
+    finally:
+        pipeline.close()
+    return outcomes

@@ -1,0 +1,111 @@
+"""Per-process worker state: the store, the model (loaded once, lazily), the pipeline,
+the lease keeper and the feeder that keeps the queue topped up."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from contextlib import contextmanager
+
+from recap.db import require_postgres
+from recap.settings import Settings
+from recap.store import ChunkRef, Store
+
+log = logging.getLogger(__name__)
+
+
+def worker_name() -> str:
+    """Lease owner: the Celery node name (set by `recap worker`) plus this process's pid."""
+    node = os.environ.get("RECAP_WORKER_NAME") or f"recap-{socket.gethostname()}"
+    return f"{node}:{os.getpid()}"
+
+
+class WorkerRuntime:
+    def __init__(self, settings: Settings):
+        from producer.dispatch import Dispatcher
+
+        self.settings = settings
+        self.name = worker_name()
+        self.store = Store(require_postgres(settings.database_url, "worker"), retry_s=settings.db_retry_s)
+        self.dispatcher = Dispatcher(self.store, settings)
+        self.stopping = threading.Event()
+        self._pipeline = None
+        self._load_lock = threading.Lock()
+        self._feeder = threading.Thread(target=self._feed_forever, name="recap-feeder", daemon=True)
+        self._feeder.start()
+
+    def pipeline(self):
+        """The model is loaded once per process, on the first chunk (not at child start:
+        Celery kills a child whose start-up blocks for more than a few seconds)."""
+        with self._load_lock:
+            if self._pipeline is None:
+                from workers.engine import load_engine
+                from workers.pipeline import CaptionPipeline
+
+                engine = load_engine(self.settings)
+                self._pipeline = CaptionPipeline(self.settings, engine, self.store, self.name)
+            return self._pipeline
+
+    def handle_chunk(self, ref: ChunkRef) -> str:
+        try:
+            return self._handle_chunk(ref)
+        finally:
+            self.top_up()
+
+    def _handle_chunk(self, ref: ChunkRef) -> str:
+        pipeline = self.pipeline()
+        s = self.settings
+        claim = self.store.claim_chunk(ref.job_id, ref.chunk_no, self.name, s.lease_s, s.chunk_max_attempts)
+        if not claim.claimed:
+            log.info("chunk %s/%s skipped: %s", ref.job_id, ref.chunk_no, claim.reason)
+            return f"skipped: {claim.reason}"
+        job = self.store.job_by_id(ref.job_id)
+        try:
+            with self._lease_kept(ref):
+                outcome = pipeline.run_chunk(job, ref.chunk_no, should_stop=self.stopping.is_set)
+        except Exception as exc:
+            self.store.release_chunk(ref.job_id, ref.chunk_no, self.name, error=f"{type(exc).__name__}: {exc}")
+            raise
+        if self.stopping.is_set():
+            self.store.release_chunk(ref.job_id, ref.chunk_no, self.name, count_attempt=False)
+            return "released: worker stopping"
+        state = self.store.finish_chunk(ref.job_id, ref.chunk_no, self.name)
+        return f"{state}: {outcome.done} done, {outcome.failed} failed"
+
+    @contextmanager
+    def _lease_kept(self, ref: ChunkRef):
+        """Renew the lease every third of its length while the chunk runs."""
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(self.settings.lease_s / 3):
+                try:
+                    if not self.store.renew_lease(ref.job_id, ref.chunk_no, self.name, self.settings.lease_s):
+                        log.warning("lost the lease on chunk %s/%s", ref.job_id, ref.chunk_no)
+                except Exception:  # the next renewal or the writes will tell
+                    log.exception("lease renewal failed")
+
+        thread = threading.Thread(target=renew, name="recap-lease", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(timeout=5)
+
+    def top_up(self) -> None:
+        try:
+            self.dispatcher.top_up(model=self.settings.model)
+        except Exception as exc:  # Redis or Postgres down: the next top-up repairs it
+            log.warning("could not top up the queue: %s: %s", type(exc).__name__, exc)
+
+    def _feed_forever(self) -> None:
+        while not self.stopping.wait(self.settings.feed_interval_s):
+            self.top_up()
+
+    def close(self) -> None:
+        self.stopping.set()
+        if self._pipeline is not None:
+            self._pipeline.close()
