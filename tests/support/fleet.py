@@ -1,0 +1,89 @@
+"""Real fleet processes for tests: `recap worker` / `celery worker` subprocesses on a
+Redis database and a PostgreSQL database of the test's own."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class Fleet:
+    """Environment and processes of one test's fleet."""
+
+    env: dict[str, str]
+    log_dir: Path
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def start_worker(self, app: str | None = None, extra_env: dict | None = None) -> subprocess.Popen:
+        """`recap worker --gpus none` (or a plain celery worker of another app module)."""
+        env = {**self.env, **(extra_env or {})}
+        n = len(self.procs)
+        log = open(self.log_dir / f"worker{n}.log", "wb")
+        if app is None:
+            argv = [sys.executable, "-m", "recap.cli", "worker", "--gpus", "none"]
+        else:
+            from recap.settings import Settings
+            from workers.daemon import WorkerSpec, celery_argv
+
+            settings = Settings(model=env["RECAP_MODEL"])
+            from workers.celery_app import queue_name
+
+            spec = WorkerSpec(None, f"recap-test{n}-{os.getpid()}@localhost", queue_name(settings.model))
+            argv = celery_argv(spec, settings, app)
+            env = spec.env(env)
+        proc = subprocess.Popen(
+            argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        proc.log_path = self.log_dir / f"worker{n}.log"  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def wait_ready(self, app, count: int, timeout: float = 90) -> list[str]:
+        """Wait until `count` worker nodes answer a ping."""
+        def nodes():
+            replies = app.control.ping(timeout=1.0) or []
+            names = [name for reply in replies for name in reply]
+            return names if len(names) >= count else None
+
+        return wait_until(nodes, timeout, interval=0.5, what=f"{count} worker(s) to answer ping")
+
+    @staticmethod
+    def kill(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+        """Signal the whole process group (the recap parent and its celery children)."""
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                self.kill(proc, signal.SIGKILL)
+
+    def logs(self) -> str:
+        return "\n".join(
+            p.log_path.read_text(errors="replace") for p in self.procs if p.log_path.exists()  # type: ignore[attr-defined]
+        )

@@ -1,0 +1,51 @@
+"""The CLI root and the producer side never import torch; user errors are one line, exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.support.fleet import REPO
+
+
+def test_cli_and_producer_do_not_import_torch_or_transformers():
+    code = (
+        "import sys, recap.cli, producer.readers, producer.dispatch, producer.export, "
+        "producer.jobs, workers.celery_app, workers.daemon\n"
+        "from typer.testing import CliRunner\n"
+        "CliRunner().invoke(recap.cli.app, ['--help'])\n"
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def run_cli(*args, env=None, cwd=None):
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "recap.cli", *args], capture_output=True, text=True, timeout=120,
+        env={**os.environ, **(env or {})}, cwd=cwd or REPO,
+    )
+
+
+def test_status_without_a_database_says_what_to_do(tmp_path):
+    result = run_cli("status", env={"RECAP_DATABASE_URL": f"sqlite:///{tmp_path}/none.db"})
+    assert result.returncode == 2
+    assert "recap db upgrade" in result.stderr
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_bad_setting_is_one_line(tmp_path):
+    result = run_cli("status", env={"RECAP_CHUNK_SIZE": "zero"})
+    assert result.returncode == 2
+    assert "invalid settings" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_db_upgrade_masks_the_password(pg_url):
+    url = pg_url.replace("postgres@", "postgres:s3cret-pw@")
+    result = run_cli("db", "upgrade", env={"RECAP_DATABASE_URL": url})
+    assert result.returncode == 0, result.stderr
+    assert "s3cret-pw" not in result.stdout + result.stderr
+    assert "***" in result.stdout

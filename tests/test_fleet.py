@@ -1,0 +1,293 @@
+"""The fleet with real processes: `recap worker` subprocesses (Celery prefork), Redis,
+PostgreSQL, a loopback image server and the tiny model. Each test asserts the items table."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from tests.support.fleet import REPO, Fleet, wait_until
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def good_urls(server, n, start=0):
+    return [server.url(f"/img/{40 + i % 23}x{36 + i % 17}.jpg?seed={start + i}") for i in range(n)]
+
+
+def bad_urls(server):
+    return [
+        server.url("/status/404"),
+        server.url("/html"),
+        server.url("/truncated.jpg"),
+        server.url("/tiny.png"),
+        server.url("/status/500"),
+    ]
+
+
+@pytest.fixture
+def fleet(pg_url, redis_url, tiny_model_dir, tmp_path):
+    env = {
+        **os.environ,
+        "RECAP_DATABASE_URL": pg_url,
+        "RECAP_BROKER_URL": redis_url,
+        "RECAP_MODEL": str(tiny_model_dir),
+        "RECAP_CACHE_DIR": str(tmp_path / "cache"),
+        "RECAP_CHUNK_SIZE": "20",
+        "RECAP_MAX_QUEUED_CHUNKS": "4",
+        "RECAP_LEASE_S": "4",
+        "RECAP_FEED_INTERVAL_S": "1",
+        "RECAP_MAX_NEW_TOKENS": "4",
+        "RECAP_BATCH_SIZE": "8",
+        "RECAP_DB_RETRY_S": "60",
+        "RECAP_FETCH_RETRIES": "0",
+        "RECAP_LOG_LEVEL": "INFO",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+    }
+    fleet = Fleet(env=env, log_dir=tmp_path)
+    yield fleet
+    fleet.stop_all()
+
+
+@pytest.fixture
+def control_app(redis_url, tiny_model_dir):
+    """A Celery app in the test process, to ping workers and send raw messages."""
+    from recap.settings import Settings
+    from workers.celery_app import make_app
+
+    app = make_app(Settings(broker_url=redis_url, model=str(tiny_model_dir)))
+    yield app
+    app.close()
+
+
+def recap(fleet: Fleet, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "recap.cli", *args],
+        env={**fleet.env, **(env or {})}, cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+
+
+def write_urls(tmp_path, urls, name="urls.txt"):
+    path = tmp_path / name
+    path.write_text("\n".join(urls) + "\n")
+    return path
+
+
+def items(pg_url):
+    from recap.db import normalise_url
+
+    engine = sa.create_engine(normalise_url(pg_url))
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT key, status, error_class, caption, attempts, worker FROM items")
+        ).mappings().all()
+    engine.dispose()
+    return {r["key"]: dict(r) for r in rows}
+
+
+def chunk_rows(pg_url):
+    from recap.db import normalise_url
+
+    engine = sa.create_engine(normalise_url(pg_url))
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT chunk_no, state, attempts, last_error FROM chunks")).mappings().all()
+    engine.dispose()
+    return {r["chunk_no"]: dict(r) for r in rows}
+
+
+def finished(pg_url):
+    rows = items(pg_url)
+    return rows and all(r["status"] in ("done", "failed") for r in rows.values())
+
+
+def test_two_workers_caption_every_item_exactly_once(fleet, control_app, pg_url, image_server, tmp_path):
+    urls = good_urls(image_server, 295) + bad_urls(image_server)
+    path = write_urls(tmp_path, urls)
+    fleet.start_worker()
+    fleet.start_worker()
+    fleet.wait_ready(control_app, 2)
+
+    submitted = recap(fleet, "submit", str(path), "--job", "two")
+    assert submitted.returncode == 0, submitted.stderr
+    wait_until(lambda: finished(pg_url), 180, what="every item to finish")
+
+    rows = items(pg_url)
+    assert len(rows) == 300
+    assert all(r["attempts"] == 1 for r in rows.values()), "an item was processed twice"
+    done = [r for r in rows.values() if r["status"] == "done"]
+    assert len(done) == 295 and all(r["caption"] for r in done)
+    failed = sorted(r["error_class"] for r in rows.values() if r["status"] == "failed")
+    assert failed == ["decode_error", "http_4xx", "http_5xx", "not_image", "too_small"]
+    assert len({r["worker"] for r in done}) == 2, "both workers should have worked"
+
+    status = recap(fleet, "status", "--job", "two", "--json")
+    import json
+
+    payload = json.loads(status.stdout)
+    assert payload["items"] == {"total": 300, "pending": 0, "done": 295, "failed": 5}
+    assert payload["chunks"]["done"] == 15
+    assert sum(payload["errors"].values()) == 5
+
+    again = recap(fleet, "submit", str(path), "--job", "two")
+    assert again.returncode == 0, again.stderr
+    time.sleep(2)
+    assert items(pg_url) == rows
+
+
+def test_killed_worker_its_chunk_finishes_elsewhere(fleet, control_app, pg_url, image_server, tmp_path):
+    urls = [image_server.url(f"/slow?delay=0.05&seed={i}") for i in range(120)]
+    path = write_urls(tmp_path, urls)
+    first = fleet.start_worker()
+    fleet.wait_ready(control_app, 1)
+    assert recap(fleet, "submit", str(path), "--job", "kill").returncode == 0
+
+    wait_until(lambda: sum(r["status"] == "done" for r in items(pg_url).values()) >= 20, 120,
+               what="some items done before the kill")
+    fleet.kill(first)
+    before = {k: r["caption"] for k, r in items(pg_url).items() if r["status"] == "done"}
+    assert 0 < len(before) < 120
+
+    fleet.start_worker()  # nobody runs submit or reconcile
+    wait_until(lambda: finished(pg_url), 180, what="the run to finish after the kill")
+    rows = items(pg_url)
+    assert len(rows) == 120 and all(r["status"] == "done" for r in rows.values())
+    assert all(rows[k]["caption"] == caption for k, caption in before.items())
+
+
+def test_redis_emptied_mid_run_the_fleet_refeeds_itself(fleet, control_app, pg_url, redis_url, image_server, tmp_path):
+    import redis
+
+    urls = [image_server.url(f"/slow?delay=0.05&seed={i}") for i in range(160)]
+    path = write_urls(tmp_path, urls)
+    fleet.start_worker()
+    fleet.wait_ready(control_app, 1)
+    assert recap(fleet, "submit", str(path), "--job", "flush").returncode == 0
+    wait_until(lambda: sum(r["status"] == "done" for r in items(pg_url).values()) >= 10, 120,
+               what="progress before the flush")
+    redis.Redis.from_url(redis_url).flushdb()
+
+    wait_until(lambda: finished(pg_url), 180, what="the run to finish after FLUSHDB")
+    rows = items(pg_url)
+    assert len(rows) == 160 and all(r["status"] == "done" for r in rows.values())
+
+
+def test_the_same_chunk_delivered_twice_is_worked_once(fleet, control_app, pg_url, image_server, tmp_path):
+    from recap.records import InputItem
+    from recap.store import Store
+    from workers.celery_app import CAPTION_TASK, queue_name
+
+    model = fleet.env["RECAP_MODEL"]
+    store = Store(pg_url)
+    job = store.ensure_job("twice", model, "describe", {}, 50)
+    store.register_items(job, [[InputItem(f"k{i}", image_server.url(f"/slow?delay=0.1&seed={i}")) for i in range(30)]])
+    fleet.start_worker(extra_env={"RECAP_FEED_INTERVAL_S": "600"})
+    fleet.start_worker(extra_env={"RECAP_FEED_INTERVAL_S": "600"})
+    fleet.wait_ready(control_app, 2)
+    for _ in range(2):
+        control_app.send_task(CAPTION_TASK, kwargs={"job_id": job.id, "chunk_no": 0}, queue=queue_name(model))
+
+    wait_until(lambda: finished(pg_url), 120, what="the chunk to finish")
+    rows = items(pg_url)
+    assert all(r["status"] == "done" and r["attempts"] == 1 for r in rows.values())
+    assert len({r["worker"] for r in rows.values()}) == 1
+    wait_until(lambda: "skipped: " in fleet.logs(), 30, what="the second delivery to be skipped")
+
+
+def test_a_chunk_whose_task_always_crashes_fails_and_the_rest_finishes(fleet, control_app, pg_url, image_server, tmp_path):
+    path = write_urls(tmp_path, good_urls(image_server, 60))
+    fleet.start_worker(app="tests.support.fault_app", extra_env={"RECAP_TEST_POISON_CHUNKS": "1"})
+    fleet.wait_ready(control_app, 1)
+    assert recap(fleet, "submit", str(path), "--job", "poison").returncode == 0
+
+    def settled():
+        chunks = chunk_rows(pg_url)
+        return len(chunks) == 3 and all(c["state"] in ("done", "failed") for c in chunks.values())
+
+    wait_until(settled, 150, what="chunks to settle")
+    chunks = chunk_rows(pg_url)
+    assert chunks[1]["state"] == "failed"
+    assert "gave up after 3 attempts" in chunks[1]["last_error"]
+    assert "injected crash" in chunks[1]["last_error"]
+    assert chunks[0]["state"] == chunks[2]["state"] == "done"
+    status = recap(fleet, "status", "--job", "poison", "--json")
+    assert '"failed": 1' in status.stdout.replace("\n", " ") or status.returncode == 0
+
+
+def test_pickled_messages_are_refused(fleet, control_app, pg_url, tiny_model_dir):
+    from kombu import Connection, Exchange, Producer
+
+    from recap.store import Store
+    from workers.celery_app import CAPTION_TASK, queue_name
+    from recap.records import InputItem
+
+    store = Store(pg_url)
+    job = store.ensure_job("pickle", "some-other-model", "describe", {}, 10)
+    store.register_items(job, [[InputItem("k", "http://127.0.0.1:9/x.jpg")]])
+    fleet.start_worker()
+    fleet.wait_ready(control_app, 1)
+    queue = queue_name(str(tiny_model_dir))
+    with Connection(fleet.env["RECAP_BROKER_URL"]) as conn:
+        producer = Producer(conn.channel(), exchange=Exchange(queue, type="direct"))
+        producer.publish(
+            {"job_id": job.id, "chunk_no": 0}, routing_key=queue, serializer="pickle",
+            headers={"task": CAPTION_TASK, "id": "pickled-1", "lang": "py", "argsrepr": "", "kwargsrepr": ""},
+            declare=[],
+        )
+    wait_until(lambda: "pickle" in fleet.logs().lower(), 60, what="the worker to refuse the pickle")
+    assert chunk_rows(pg_url)[0]["attempts"] == 0, "a pickled message must never run"
+    assert control_app.control.ping(timeout=2.0), "the worker must stay alive"
+
+
+@pytest.mark.parametrize("url", [None, "sqlite:///x.db"])
+@pytest.mark.parametrize("command", [["submit", "x.txt", "--job", "j"], ["worker"], ["reconcile"], ["retry", "--job", "j", "--errors", "timeout"]])
+def test_fleet_commands_need_postgres(command, url, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RECAP_DATABASE_URL"}
+    if url:
+        env["RECAP_DATABASE_URL"] = url
+    result = subprocess.run(
+        [sys.executable, "-m", "recap.cli", *command], env=env, cwd=tmp_path,
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "PostgreSQL" in lines[0], result.stderr
+
+
+def test_postgres_restarted_mid_run_workers_wait_and_finish(fleet, control_app, image_server, tmp_path):
+    from recap.db import upgrade
+    from tests.support.pg_cluster import ThrowawayCluster
+
+    if not ThrowawayCluster.available():
+        pytest.skip("initdb/pg_ctl are not installed here")
+    cluster = ThrowawayCluster(port=55432 + os.getpid() % 1000)
+    cluster.init()
+    cluster.start()
+    try:
+        upgrade(cluster.url)
+        fleet.env["RECAP_DATABASE_URL"] = cluster.url
+        urls = [image_server.url(f"/slow?delay=0.05&seed={i}") for i in range(120)]
+        path = write_urls(tmp_path, urls)
+        fleet.start_worker()
+        fleet.wait_ready(control_app, 1)
+        assert recap(fleet, "submit", str(path), "--job", "pgdown").returncode == 0
+        wait_until(lambda: sum(r["status"] == "done" for r in items(cluster.url).values()) >= 10, 120,
+                   what="progress before the restart")
+        cluster.stop()
+        time.sleep(4)  # workers keep fetching and captioning, and wait to write
+        cluster.start()
+        wait_until(lambda: finished(cluster.url), 180, what="the run to finish after the restart")
+        rows = items(cluster.url)
+        assert len(rows) == 120 and all(r["status"] == "done" for r in rows.values())
+        assert all(r["attempts"] == 1 for r in rows.values())
+    finally:
+        fleet.stop_all()
+        from recap.db import get_engine, normalise_url
+
+        get_engine(normalise_url(cluster.url)).dispose()
+        cluster.destroy()

@@ -1,0 +1,111 @@
+"""`recap run` end to end: loopback URLs with mixed failures, resume after a kill, export."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import sqlalchemy as sa
+
+from producer.export import EXPORT_COLUMNS
+from tests.support.fleet import REPO, wait_until
+
+pytestmark = pytest.mark.timeout(240)
+
+EXPECTED_FAILURES = {
+    "/status/404": "http_4xx",
+    "/status/503": "http_5xx",
+    "/html": "not_image",
+    "/svg": "not_image",
+    "/truncated.jpg": "decode_error",
+    "/tiny.png": "too_small",
+    "/wide.png": "bad_aspect",
+    "/bomb.png": "too_many_pixels",
+    "/redirect-loop": "too_many_redirects",
+}
+
+
+def run_env(tmp_path, tiny_model_dir, **extra):
+    return {
+        **os.environ,
+        "RECAP_DATABASE_URL": f"sqlite:///{tmp_path}/recap.db",
+        "RECAP_MODEL": str(tiny_model_dir),
+        "RECAP_CHUNK_SIZE": "25",
+        "RECAP_BATCH_SIZE": "8",
+        "RECAP_MAX_NEW_TOKENS": "4",
+        "RECAP_FETCH_RETRIES": "0",
+        "PYTHONPATH": str(REPO),
+        **extra,
+    }
+
+
+def item_rows(tmp_path):
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/recap.db")
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT key, url, status, error_class, caption, attempts FROM items")).mappings().all()
+    engine.dispose()
+    return [dict(r) for r in rows]
+
+
+def test_run_captions_good_urls_and_classifies_every_failure(tmp_path, image_server, tiny_model_dir):
+    good = [image_server.url(f"/img/{48 + i % 30}x{40 + i % 20}.jpg?seed={i}") for i in range(200)]
+    good += [image_server.url(f"/img/64x64.{fmt}?seed=1") for fmt in ("png", "webp", "gif", "bmp")]
+    bad = [image_server.url(path) for path in EXPECTED_FAILURES]
+    urls = tmp_path / "urls.txt"
+    urls.write_text("\n".join(good + bad + good[:5]) + "\n")  # 5 duplicates
+    out = tmp_path / "out.parquet"
+    result = subprocess.run(
+        [sys.executable, "-m", "recap.cli", "run", str(urls), "--out", str(out), "--export-status", "all"],
+        env=run_env(tmp_path, tiny_model_dir, RECAP_MIN_SIDE="16", RECAP_MAX_PIXELS="50000000"),
+        capture_output=True, text=True, timeout=200,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    rows = item_rows(tmp_path)
+    assert len(rows) == len(good) + len(bad)  # one row each; duplicates once
+    by_url = {r["url"]: r for r in rows}
+    assert all(by_url[u]["status"] == "done" and by_url[u]["caption"] for u in good)
+    for path, error_class in EXPECTED_FAILURES.items():
+        row = by_url[image_server.url(path)]
+        assert (row["status"], row["error_class"]) == ("failed", error_class), path
+
+    table = pq.read_table(out)
+    assert table.schema.names == EXPORT_COLUMNS
+    assert table.num_rows == len(rows)
+    first_done = next(r for r in table.to_pylist() if r["status"] == "done")
+    assert first_done["re_length"] == len(first_done["re_caption"].split())
+    assert first_done["model"] == str(tiny_model_dir)
+    assert "max_new_tokens" in first_done["generation"]
+
+
+def test_run_resumes_after_a_kill_without_redoing_done_items(tmp_path, image_server, tiny_model_dir):
+    urls = tmp_path / "urls.txt"
+    urls.write_text("\n".join(image_server.url(f"/slow?delay=0.05&seed={i}") for i in range(150)) + "\n")
+    argv = [sys.executable, "-m", "recap.cli", "run", str(urls), "--out", str(tmp_path / "out.jsonl")]
+    env = run_env(tmp_path, tiny_model_dir, RECAP_FETCH_CONCURRENCY="4")
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def some_done():
+        try:
+            return sum(r["status"] == "done" for r in item_rows(tmp_path)) >= 20
+        except sa.exc.OperationalError:
+            return False
+
+    wait_until(some_done, 120, what="progress before the kill")
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    before = {r["key"]: r["caption"] for r in item_rows(tmp_path) if r["status"] == "done"}
+    assert 20 <= len(before) < 150
+
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=200)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rows = item_rows(tmp_path)
+    assert len(rows) == 150 and all(r["status"] == "done" for r in rows)
+    assert all(r["attempts"] == 1 for r in rows), "a done item was captioned again"
+    assert {r["key"]: r["caption"] for r in rows if r["key"] in before} == before
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert len(lines) == 150
