@@ -63,6 +63,11 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 def get_engine(url: str) -> Engine:
     url = normalise_url(url)
     if url.startswith("sqlite"):
+        database = make_url(url).database
+        if database and database != ":memory:":
+            from pathlib import Path
+
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
@@ -99,4 +104,5 @@ def upgrade(url: str) -> None:
     """Create or migrate the schema (Alembic `upgrade head`)."""
     from alembic import command
 
+    get_engine(url)  # makes the folder of a SQLite file
     command.upgrade(alembic_config(url), "head")

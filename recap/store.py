@@ -383,7 +383,12 @@ class Store:
             chunk = self._lock_chunk(conn, job_id, chunk_no)
             if chunk is None or chunk["lease_owner"] != owner or chunk["state"] != "running":
                 return
-            values: dict = {"state": "pending", "lease_owner": None, "lease_expires_at": None}
+            complete = chunk["done_count"] + chunk["failed_count"] >= chunk["item_count"]
+            values: dict = {
+                "state": "done" if complete else "pending",
+                "lease_owner": None,
+                "lease_expires_at": None,
+            }
             if error:
                 values["last_error"] = error[:2000]
             if not count_attempt:

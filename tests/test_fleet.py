@@ -291,3 +291,91 @@ def test_postgres_restarted_mid_run_workers_wait_and_finish(fleet, control_app, 
 
         get_engine(normalise_url(cluster.url)).dispose()
         cluster.destroy()
+
+
+def test_sigterm_finishes_the_batch_gives_the_chunk_back_and_exits(fleet, control_app, pg_url, image_server, tmp_path):
+    import signal
+
+    urls = [image_server.url(f"/slow?delay=0.1&seed={i}") for i in range(80)]
+    path = write_urls(tmp_path, urls)
+    first = fleet.start_worker(extra_env={"RECAP_CHUNK_SIZE": "80", "RECAP_LEASE_S": "600"})
+    fleet.wait_ready(control_app, 1)
+    assert recap(fleet, "submit", str(path), "--job", "term", env={"RECAP_CHUNK_SIZE": "80"}).returncode == 0
+    wait_until(lambda: sum(r["status"] == "done" for r in items(pg_url).values()) >= 8, 120,
+               what="the first batches")
+    started = time.monotonic()
+    first.send_signal(signal.SIGTERM)
+    first.wait(timeout=60)
+    assert time.monotonic() - started < 30, "a stopping worker must exit within the grace period"
+    chunk = chunk_rows(pg_url)[0]
+    assert chunk["state"] in ("pending", "queued"), chunk  # the lease was given back at once
+    assert chunk["attempts"] == 0, "a graceful stop is not a failed attempt"
+
+    fleet.start_worker(extra_env={"RECAP_LEASE_S": "600"})
+    wait_until(lambda: finished(pg_url), 120, what="another worker to finish the chunk")
+    rows = items(pg_url)
+    assert len(rows) == 80 and all(r["status"] == "done" and r["attempts"] == 1 for r in rows.values())
+    assert len({r["worker"] for r in rows.values()}) == 2
+
+
+def test_flower_refuses_anonymous_api_calls_and_shows_the_workers(fleet, control_app):
+    import base64
+    import socket
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    fleet.start_worker()
+    nodes = fleet.wait_ready(control_app, 1)
+    log = open(fleet.log_dir / "flower.log", "wb")
+    flower = subprocess.Popen(
+        [sys.executable, "-m", "recap.cli", "flower", "--port", str(port)],
+        env={**fleet.env, "RECAP_FLOWER_USER": "ops", "RECAP_FLOWER_PASSWORD": "flower-secret-1"},
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    fleet.procs.append(flower)
+    flower.log_path = fleet.log_dir / "flower.log"
+    url = f"http://127.0.0.1:{port}/api/workers?refresh=1"
+
+    def get(auth: str | None):
+        request = urllib.request.Request(url)
+        if auth:
+            request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, ""
+        except OSError:
+            return None, ""
+
+    wait_until(lambda: get(None)[0] is not None, 60, what="Flower to listen")
+    assert get(None)[0] == 401
+    assert get("ops:wrong")[0] == 401
+    status, body = wait_until(lambda: (lambda r: r if r[0] == 200 and nodes[0] in r[1] else None)(get("ops:flower-secret-1")),
+                              60, what="Flower to list the worker")
+    assert nodes[0] in body
+    assert "flower-secret-1" not in fleet.logs()
+
+
+def test_worker_serves_prometheus_metrics_during_a_run(fleet, control_app, pg_url, image_server, tmp_path):
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = write_urls(tmp_path, good_urls(image_server, 40) + [image_server.url("/status/404")])
+    fleet.start_worker(extra_env={"RECAP_METRICS_PORT": str(port)})
+    fleet.wait_ready(control_app, 1)
+    assert recap(fleet, "submit", str(path), "--job", "metrics").returncode == 0
+    wait_until(lambda: finished(pg_url), 120, what="the run")
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for name in ("recap_items_total", "recap_batch_size", "recap_batch_seconds", "recap_fetch_seconds",
+                 "recap_images_per_second", "recap_gpu_busy_ratio", "recap_buffer_depth", "recap_chunks_total"):
+        assert name in body, name
+    assert 'recap_items_total{error_class="",status="done"} 40.0' in body
+    assert 'recap_items_total{error_class="http_4xx",status="failed"} 1.0' in body

@@ -60,7 +60,7 @@ def test_run_captions_good_urls_and_classifies_every_failure(tmp_path, image_ser
     out = tmp_path / "out.parquet"
     result = subprocess.run(
         [sys.executable, "-m", "recap.cli", "run", str(urls), "--out", str(out), "--export-status", "all"],
-        env=run_env(tmp_path, tiny_model_dir, RECAP_MIN_SIDE="16", RECAP_MAX_PIXELS="50000000"),
+        env=run_env(tmp_path, tiny_model_dir, RECAP_MAX_PIXELS="50000000"),
         capture_output=True, text=True, timeout=200,
     )
     assert result.returncode == 0, result.stderr[-3000:]

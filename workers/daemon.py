@@ -23,11 +23,13 @@ class WorkerSpec:
     gpu: str | None  # None: CPU
     node_name: str
     queue: str
+    metrics_port: int = 0  # 0: off
 
     def env(self, base: dict[str, str]) -> dict[str, str]:
         env = dict(base)
         env["CUDA_VISIBLE_DEVICES"] = self.gpu if self.gpu is not None else ""
         env["RECAP_WORKER_NAME"] = self.node_name
+        env["RECAP_METRICS_PORT"] = str(self.metrics_port)
         if self.gpu is None:
             env["RECAP_DEVICE"] = env.get("RECAP_DEVICE", "cpu")
         return env
@@ -64,9 +66,13 @@ def worker_specs(gpus: list[str | None], settings: Settings) -> list[WorkerSpec]
 
     host, pid = socket.gethostname(), os.getpid()
     queue = queue_name(settings.model)
+    base = settings.metrics_port
     return [
-        WorkerSpec(gpu, f"recap-{'cpu' if gpu is None else 'gpu' + gpu}-{pid}@{host}", queue)
-        for gpu in gpus
+        WorkerSpec(
+            gpu, f"recap-{'cpu' if gpu is None else 'gpu' + gpu}-{pid}@{host}", queue,
+            metrics_port=base + index if base else 0,
+        )
+        for index, gpu in enumerate(gpus)
     ]
 
 
@@ -81,16 +87,24 @@ def celery_argv(spec: WorkerSpec, settings: Settings, app_module: str = "workers
 
 
 def run_workers(specs: list[WorkerSpec], settings: Settings, app_module: str = "workers.celery_app") -> int:
-    """Start one child per spec, pass SIGTERM/SIGINT on, wait for all; worst exit code wins."""
+    """Start one Celery worker per spec, each in its own process group; on SIGTERM or
+    SIGINT send SIGTERM to every group (the Celery main process and its pool child, which
+    then finishes its batch and gives the rest of its chunk back); worst exit code wins."""
     children = [
-        subprocess.Popen(celery_argv(spec, settings, app_module), env=spec.env(dict(os.environ)))
+        subprocess.Popen(
+            celery_argv(spec, settings, app_module), env=spec.env(dict(os.environ)),
+            start_new_session=True,
+        )
         for spec in specs
     ]
 
-    def forward(signum, _frame) -> None:
+    def forward(_signum, _frame) -> None:
         for child in children:
             if child.poll() is None:
-                child.send_signal(signum)
+                try:
+                    os.killpg(child.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)

@@ -8,12 +8,14 @@ batch by batch, so a kill loses at most the batch in flight.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from recap.records import Caption, ItemResult, Prepared, Rejected
 from recap.settings import Settings
 from recap.store import JobInfo, Store
+from workers import metrics
 from workers.quality import quality_flags
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class CaptionPipeline:
         self.worker = worker
         self.loader = loader or ImageLoader(settings, engine.image_spec)
         self.batch_size = settings.batch_size or engine.default_batch_size
+        self.busy = metrics.BusyMeter()
 
     def close(self) -> None:
         self.loader.close()
@@ -65,6 +68,8 @@ class CaptionPipeline:
                 rejected.append(self._rejected_result(loaded))
             else:
                 ready.append(loaded)
+                metrics.FETCH_SECONDS.observe(loaded.fetch_ms / 1000)
+            metrics.BUFFER_DEPTH.set(len(ready))
             if len(ready) >= self.batch_size or len(rejected) >= self.batch_size:
                 self._write(job, chunk_no, self._caption(job, ready) + rejected, outcome, on_written)
                 ready, rejected = [], []
@@ -78,7 +83,12 @@ class CaptionPipeline:
         if not ready:
             return []
         prompts = [format_prompt(job.prompt, p.item.org_caption) for p in ready]
+        started = time.monotonic()
         captions = self.engine.caption([p.image for p in ready], prompts)
+        busy = time.monotonic() - started
+        metrics.BATCH_SIZE.observe(len(ready))
+        metrics.BATCH_SECONDS.observe(busy)
+        self.busy.record(busy, len(ready))
         return [self._caption_result(p, c) for p, c in zip(ready, captions, strict=True)]
 
     def _caption_result(self, prepared: Prepared, caption: Caption) -> ItemResult:
@@ -120,6 +130,8 @@ class CaptionPipeline:
 
     def _write(self, job, chunk_no, results, outcome: ChunkOutcome, on_written) -> None:
         self.store.write_results(job.id, chunk_no, results, model_revision=self.engine.revision)
+        for r in results:
+            metrics.ITEMS.labels(r.status, r.error_class or "").inc()
         outcome.done += sum(r.status == "done" for r in results)
         outcome.failed += sum(r.status == "failed" for r in results)
         if on_written:

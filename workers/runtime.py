@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from recap.db import require_postgres
 from recap.settings import Settings
 from recap.store import ChunkRef, Store
+from workers import metrics
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class WorkerRuntime:
         s = self.settings
         claim = self.store.claim_chunk(ref.job_id, ref.chunk_no, self.name, s.lease_s, s.chunk_max_attempts)
         if not claim.claimed:
+            metrics.CHUNKS.labels(f"skipped_{claim.reason}").inc()
             log.info("chunk %s/%s skipped: %s", ref.job_id, ref.chunk_no, claim.reason)
             return f"skipped: {claim.reason}"
         job = self.store.job_by_id(ref.job_id)
@@ -72,6 +74,7 @@ class WorkerRuntime:
             self.store.release_chunk(ref.job_id, ref.chunk_no, self.name, count_attempt=False)
             return "released: worker stopping"
         state = self.store.finish_chunk(ref.job_id, ref.chunk_no, self.name)
+        metrics.CHUNKS.labels(state).inc()
         return f"{state}: {outcome.done} done, {outcome.failed} failed"
 
     @contextmanager
@@ -104,6 +107,10 @@ class WorkerRuntime:
     def _feed_forever(self) -> None:
         while not self.stopping.wait(self.settings.feed_interval_s):
             self.top_up()
+
+    def on_sigterm(self, _signum=None, _frame=None) -> None:
+        log.warning("SIGTERM: finishing the batch in flight, then giving the chunk back")
+        self.stopping.set()
 
     def close(self) -> None:
         self.stopping.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 
 from celery.signals import worker_process_init, worker_process_shutdown
@@ -29,7 +30,18 @@ def get_runtime():
 @worker_process_init.connect
 def _warm_up(**_kwargs) -> None:
     """Per-process start: cheap set-up only (store, feeder); the model loads on first use."""
-    get_runtime()
+    runtime = get_runtime()
+    from workers.metrics import serve
+
+    serve(runtime.settings.metrics_port)
+
+
+def _stop_gracefully_on_sigterm(runtime) -> None:
+    """SIGTERM (a deploy, a preemption notice) lets the batch on the GPU finish and be
+    written and gives the rest of the chunk back; then the task returns and the process
+    exits. Installed from the task, since billiard resets signals after process init."""
+    if signal.getsignal(signal.SIGTERM) != runtime.on_sigterm:
+        signal.signal(signal.SIGTERM, runtime.on_sigterm)
 
 
 @worker_process_shutdown.connect
@@ -41,4 +53,7 @@ def _shut_down(**_kwargs) -> None:
 @app.task(name=CAPTION_TASK, ignore_result=True)
 def caption_chunk(job_id: int, chunk_no: int) -> str:
     """Caption the pending items of chunk `chunk_no` of job `job_id`."""
-    return get_runtime().handle_chunk(ChunkRef(int(job_id), int(chunk_no)))
+    runtime = get_runtime()
+    if threading.current_thread() is threading.main_thread():
+        _stop_gracefully_on_sigterm(runtime)
+    return runtime.handle_chunk(ChunkRef(int(job_id), int(chunk_no)))

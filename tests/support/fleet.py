@@ -24,6 +24,26 @@ def wait_until(predicate, timeout: float, interval: float = 0.25, what: str = "c
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (no psutil needed)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 @dataclass
 class Fleet:
     """Environment and processes of one test's fleet."""
@@ -67,16 +87,17 @@ class Fleet:
 
     @staticmethod
     def kill(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
-        """Signal the whole process group (the recap parent and its celery children)."""
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
+        """Kill a worker with everything under it (`recap worker` puts each Celery worker
+        in a process group of its own, so a group kill alone would leave them behind)."""
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+            Fleet.kill(proc, signal.SIGKILL)
 
     def stop_all(self) -> None:
         for proc in self.procs:
