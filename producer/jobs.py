@@ -9,7 +9,7 @@ from collections.abc import Callable
 from recap.settings import Settings
 from recap.store import JobInfo, RegisterStats, Store
 
-TINY_ALIASES = ("tiny", "tiny-llava", "tiny-llava-next", "tiny-mllama")
+from workers.engine import TINY_MODELS as TINY_ALIASES  # noqa: E402  (no torch at import)
 
 
 def model_slug(model: str) -> str:

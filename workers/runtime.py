@@ -13,6 +13,7 @@ from recap.db import require_postgres
 from recap.settings import Settings
 from recap.store import ChunkRef, Store
 from workers import metrics
+from workers.engine import EngineFatalError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,12 @@ class WorkerRuntime:
         try:
             with self._lease_kept(ref):
                 outcome = pipeline.run_chunk(job, ref.chunk_no, should_stop=self.stopping.is_set)
+        except EngineFatalError as exc:
+            # The device is broken (not the items): give the chunk back untouched and end
+            # this process; Celery starts a fresh child, which initialises CUDA anew.
+            self.store.release_chunk(ref.job_id, ref.chunk_no, self.name, error=str(exc), count_attempt=False)
+            log.critical("engine failure, restarting the worker process: %s", exc)
+            os._exit(70)
         except Exception as exc:
             self.store.release_chunk(ref.job_id, ref.chunk_no, self.name, error=f"{type(exc).__name__}: {exc}")
             raise

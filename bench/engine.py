@@ -1,0 +1,373 @@
+"""Caption-engine throughput at LLaVA-LLaMA-3-8B shapes, against the naive one-at-a-time loop.
+
+    python bench/engine.py                      # GPU: full shapes, random bf16 weights
+    python bench/engine.py --tiny               # CPU smoke test with the tiny model (< 60 s)
+
+The model has the shapes of xtuner/llava-llama-3-8b-v1_1-transformers (Llama-3-8B text,
+CLIP ViT-L/14-336 vision, 576 image tokens) with random weights built directly on the GPU
+(no download, no slow CPU init); the tokenizer is built in code. Every caption is forced to
+exactly --new-tokens tokens, so figures compare like with like. Random weights compute
+exactly what trained ones do: the figures are the real model's, the captions are noise.
+
+For each batch size it prints images/s through `TransformersEngine.caption` (the production
+path: chat template, processor, generate, decode), the prefill and decode time of one batch,
+peak GPU memory and the GPU-busy share of a caption call (kernel time over wall time, from
+the CUDA profiler); then the naive baseline (processor + `generate` for one image at a time)
+and the speed-up of the best batch size over it.
+
+The bench reads no recap settings (so it runs where pydantic-settings is not installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+import numpy as np
+from PIL import Image
+
+PROMPT = "Please generate a detailed caption of this image. Please be as descriptive as possible."
+
+# xtuner/llava-llama-3-8b-v1_1-transformers
+TEXT_SHAPES = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128320,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+}
+VISION_SHAPES = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+    "projection_dim": 768,
+}
+
+
+@dataclass
+class BenchSettings:
+    """The few settings the engine reads (duck-types recap.settings.Settings)."""
+
+    max_new_tokens: int
+    batch_size: int
+    device: str
+    dtype: str
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    image_mode: str = "pad"
+
+
+@dataclass
+class Row:
+    batch_size: int
+    images: int
+    wall_s: float
+    images_per_s: float
+    preprocess_s: float  # chat template + processor for one batch (CPU)
+    prefill_s: float  # one batch: prompt and image tokens through the model, first token out
+    decode_s: float  # one batch: the remaining new tokens
+    decode_ms_per_step: float
+    peak_mem_gib: float | None
+    gpu_busy: float | None  # share of a caption() call with a kernel or copy on the GPU
+    batch_size_used: int  # after any OOM halving
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test with the tiny llava model")
+    p.add_argument("--batch-sizes", default=None, help="comma list (default 1,8,16,32,64; --tiny 1,4,8)")
+    p.add_argument("--new-tokens", type=int, default=None, help="forced new tokens (default 96; --tiny 16)")
+    p.add_argument("--batches", type=int, default=2, help="timed batches per batch size")
+    p.add_argument("--naive-images", type=int, default=None, help="images for the baseline (default 8)")
+    p.add_argument("--device", default=None, help="default cuda (cpu with --tiny)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = p.parse_args(argv)
+    args.batch_sizes = [int(b) for b in (args.batch_sizes or ("1,4,8" if args.tiny else "1,8,16,32,64")).split(",")]
+    args.new_tokens = args.new_tokens or (16 if args.tiny else 96)
+    args.naive_images = args.naive_images or 8
+    args.device = args.device or ("cpu" if args.tiny else "cuda")
+    return args
+
+
+# -- the model ----------------------------------------------------------------------------
+
+
+def build_full_model(device):
+    """LLaVA-LLaMA-3-8B shapes, random bf16 weights made on `device` (seconds, no CPU init).
+
+    Not meta + to_empty(): that leaves CLIP's position_ids and Llama's rotary inv_freq
+    uninitialised. Built under the device and a bf16 default dtype, every weight and
+    buffer is initialised where it lives.
+    """
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaImageProcessorPil,
+        LlavaProcessor,
+    )
+
+    from workers.tiny_model import IMAGE_TOKEN, PAD, chat_template, train_tokenizer
+
+    tokenizer = train_tokenizer(IMAGE_TOKEN["llava"])
+    image_id, pad_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN["llava"]), tokenizer.convert_tokens_to_ids(PAD)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**VISION_SHAPES),
+        text_config=LlamaConfig(pad_token_id=pad_id, **TEXT_SHAPES),
+        image_token_index=image_id,
+        image_seq_length=576,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration._from_config(
+                config, dtype=torch.bfloat16, attn_implementation="sdpa"
+            )
+    finally:
+        torch.set_default_dtype(previous)
+    side = VISION_SHAPES["image_size"]
+    processor = LlavaProcessor(
+        LlavaImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side}),
+        tokenizer,
+        patch_size=VISION_SHAPES["patch_size"],
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token=IMAGE_TOKEN["llava"],
+        chat_template=chat_template(IMAGE_TOKEN["llava"] + "\n"),
+    )
+    return model.eval(), processor
+
+
+def build_tiny(device):
+    from workers.tiny_model import make_tiny_model
+
+    model, processor = make_tiny_model("llava")
+    return model.to(device), processor
+
+
+def make_engine(model, processor, args):
+    from workers.engine import TransformersEngine
+
+    settings = BenchSettings(
+        max_new_tokens=args.new_tokens,
+        batch_size=max(args.batch_sizes),
+        device=args.device,
+        dtype="float32" if args.tiny else "bfloat16",
+    )
+    name = "tiny-llava" if args.tiny else "random-llava-llama-3-8b-shapes"
+    engine = TransformersEngine.from_loaded(model, processor, settings, model_id=name, is_tiny=args.tiny)
+    # Exactly new_tokens per caption: no early stop, so every row does the same work.
+    engine.generation_config.min_new_tokens = args.new_tokens
+    return engine
+
+
+def synthetic_images(n: int, side: int, seed: int = 0) -> list[Image.Image]:
+    """Noise squares of the engine's image size: what the prepare stage hands the engine."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+# -- measuring -------------------------------------------------------------------------
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device) -> tuple[object, float]:
+    sync(device)
+    started = time.perf_counter()
+    result = fn()
+    sync(device)
+    return result, time.perf_counter() - started
+
+
+def gpu_busy_share(fn, device) -> float | None:
+    """Union of GPU activity intervals (kernels, copies) over the wall time of `fn`."""
+    if device.type != "cuda":
+        return None
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        _, wall = timed(fn, device)
+    try:
+        spans = sorted(
+            (e.start_ns(), e.end_ns())
+            for e in prof.profiler.kineto_results.events()
+            if e.device_type() == torch.autograd.DeviceType.CUDA
+        )
+    except Exception as error:  # noqa: BLE001 - a profiler API change must not end the bench
+        print(f"  (GPU-busy share unavailable: {error})", file=sys.stderr)
+        return None
+    busy, end = 0, None
+    for start, stop in spans:
+        if end is None or start > end:
+            busy += stop - start
+            end = stop
+        elif stop > end:
+            busy += stop - end
+            end = stop
+    return busy / 1e9 / wall if wall > 0 else None
+
+
+def bench_batch_size(engine, images, bs: int, args) -> Row:
+    import torch
+
+    device = engine.device
+    engine.max_fit = bs
+    prompts = [PROMPT] * len(images)
+    engine.caption(images[:bs], prompts[:bs])  # warm-up: kernels, allocator, caches
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    n = bs * args.batches
+    _, wall = timed(lambda: engine.caption(images[:n], prompts[:n]), device)
+    inputs, pre = timed(lambda: engine._encode(images[:bs], prompts[:bs]), device)
+    first = copy.deepcopy(engine.generation_config)
+    first.max_new_tokens = first.min_new_tokens = 1
+    with torch.inference_mode():
+        _, prefill = timed(lambda: engine.model.generate(**inputs, generation_config=first), device)
+        _, full = timed(lambda: engine.model.generate(**inputs, generation_config=engine.generation_config), device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    busy = gpu_busy_share(lambda: engine.caption(images[:bs], prompts[:bs]), device)
+    decode = max(0.0, full - prefill)
+    return Row(
+        batch_size=bs,
+        images=n,
+        wall_s=wall,
+        images_per_s=n / wall,
+        preprocess_s=pre,
+        prefill_s=prefill,
+        decode_s=decode,
+        decode_ms_per_step=decode * 1000 / max(1, args.new_tokens - 1),
+        peak_mem_gib=peak,
+        gpu_busy=busy,
+        batch_size_used=engine.max_fit,
+    )
+
+
+def bench_naive(model, processor, images, args) -> dict:
+    """What a first script does: processor and generate, one image at a time."""
+    import torch
+
+    device = model.device
+    eot = processor.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    kwargs = {
+        "max_new_tokens": args.new_tokens,
+        "min_new_tokens": args.new_tokens,
+        "do_sample": False,
+        "eos_token_id": eot,
+        "pad_token_id": processor.tokenizer.pad_token_id,
+    }
+
+    def one(image) -> str:
+        conversation = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": PROMPT}]}]
+        inputs = processor.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        ).to(device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        with torch.inference_mode():
+            out = model.generate(**inputs, **kwargs)
+        return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    one(images[0])  # warm-up
+    _, wall = timed(lambda: [one(im) for im in images[: args.naive_images]], device)
+    return {"images": args.naive_images, "wall_s": wall, "images_per_s": args.naive_images / wall}
+
+
+# -- output ----------------------------------------------------------------------------
+
+
+def fmt(value, spec: str, missing: str = "n/a") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def print_table(rows: list[Row], naive: dict, header: str) -> None:
+    print(header)
+    print(
+        f"{'batch':>5} {'used':>4} {'images':>6} {'img/s':>8} {'prep s':>7} {'prefill s':>9} "
+        f"{'decode s':>8} {'ms/step':>7} {'peak GiB':>8} {'GPU busy':>8}"
+    )
+    for r in rows:
+        print(
+            f"{r.batch_size:>5} {r.batch_size_used:>4} {r.images:>6} {r.images_per_s:>8.2f} {r.preprocess_s:>7.3f} "
+            f"{r.prefill_s:>9.3f} {r.decode_s:>8.3f} {r.decode_ms_per_step:>7.2f} "
+            f"{fmt(r.peak_mem_gib, '8.1f'):>8} {fmt(r.gpu_busy, '8.0%'):>8}"
+        )
+    best = max(rows, key=lambda r: r.images_per_s)
+    print(
+        f"naive (one image at a time, processor + generate): {naive['images_per_s']:.2f} img/s "
+        f"over {naive['images']} images"
+    )
+    print(
+        f"best batched: {best.images_per_s:.2f} img/s at batch {best.batch_size} "
+        f"= {best.images_per_s / naive['images_per_s']:.1f}x the naive loop"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # a smoke test: steadier beside other work on a small box
+    started = time.perf_counter()
+    model, processor = build_tiny(device) if args.tiny else build_full_model(device)
+    sync(device)
+    build_s = time.perf_counter() - started
+    engine = make_engine(model, processor, args)
+    images = synthetic_images(max(args.batch_sizes) * args.batches, engine.image_spec.size)
+    params = sum(p.numel() for p in model.parameters())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    header = (
+        f"{engine.model_id}: {params / 1e6:,.1f} M parameters, {engine.provenance['dtype']} on {name} "
+        f"(built in {build_s:.1f} s); transformers {transformers.__version__}, torch {torch.__version__}; "
+        f"{args.new_tokens} new tokens per caption, prompt = the paper's"
+    )
+    print(header, flush=True)
+    rows = []
+    for bs in args.batch_sizes:
+        rows.append(bench_batch_size(engine, images, bs, args))
+        r = rows[-1]
+        print(f"  batch {bs}: {r.images_per_s:.2f} img/s", flush=True)
+    naive = bench_naive(model, processor, images, args)
+    print()
+    print_table(rows, naive, header)
+    if args.json:
+        args.json.write_text(json.dumps({"header": header, "rows": [asdict(r) for r in rows], "naive": naive}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
