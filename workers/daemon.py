@@ -54,7 +54,10 @@ def parse_gpus(spec: str) -> list[str | None]:
     if spec == "none":
         return [None]
     if spec == "all":
-        return list(detect_gpus()) or [None]
+        gpus = detect_gpus()
+        if not gpus:  # a GPU host with a broken driver must not quietly caption on the CPU
+            raise RecapError("--gpus all found no GPU (nvidia-smi lists none); use --gpus none to run on the CPU")
+        return gpus
     ids = [part.strip() for part in spec.split(",") if part.strip()]
     if not ids or not all(part.isdigit() for part in ids):
         raise RecapError(f"--gpus takes all, none or a list like 0,1; got {spec!r}")

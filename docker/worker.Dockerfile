@@ -1,0 +1,80 @@
+# recap GPU worker: `recap worker --gpus all` starts one Celery worker process per GPU.
+#
+# Build from the repository root (the build context):
+#   docker build -f docker/worker.Dockerfile -t recap-worker .
+# Run on a host with the NVIDIA Container Toolkit (or use docker/compose.yaml):
+#   docker run -d --gpus all --init --stop-timeout 60 \
+#     -e RECAP_DATABASE_URL=... -e RECAP_BROKER_URL=... -v recap-models:/models recap-worker
+#
+# CUDA: torch's CUDA wheels carry their own CUDA libraries (cuBLAS, cuDNN, NCCL), so the
+# base image needs only the CUDA "base" flavour: it sets what the NVIDIA runtime reads
+# (driver capabilities, the required CUDA version) and nothing is installed twice.
+# torch 2.13 is built for CUDA 12.6 and 13.0; the default (13.0) needs an NVIDIA driver
+# 580 or newer. For an older driver (525 or newer) build the CUDA 12.6 variant:
+#   --build-arg CUDA_IMAGE=nvidia/cuda:12.6.3-base-ubuntu24.04 \
+#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+
+ARG CUDA_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
+FROM ${CUDA_IMAGE}
+
+# torch within the project's range (torch>=2.3,<2.15), from PyTorch's CUDA index.
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
+
+# nvidia-smi (the "utility" capability) lists the GPUs for `--gpus all`; "compute" runs
+# the model. Model weights (HF_HOME) and recap's own cache live in the /models volume.
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    HF_HOME=/models \
+    RECAP_CACHE_DIR=/models/recap
+
+# Ubuntu 24.04's Python 3.12 (the project needs 3.11 or newer), in a virtual environment.
+# Versions come from the pinned base image's Ubuntu release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates python3.12 python3.12-venv \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3.12 -m venv /opt/venv
+
+# torch first, in a layer of its own: the largest one, and it changes least often.
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+
+# The package with its worker extra (transformers, tokenizers); the torch above satisfies
+# the extra's torch requirement and is kept. No torchvision: transformers uses its PIL
+# image processors without it, and a torchvision not built for this torch breaks imports.
+COPY . /tmp/recap-src
+RUN pip install --no-cache-dir "/tmp/recap-src[worker]" \
+ && rm -rf /tmp/recap-src \
+ && python -c "import torch, transformers, recap, workers; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+COPY docker/healthcheck.py /opt/recap/healthcheck.py
+
+# A non-root user (numeric, so Kubernetes' runAsNonRoot can check it); it owns the cache.
+RUN groupadd --system --gid 10001 recap \
+ && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/recap --shell /usr/sbin/nologin recap \
+ && mkdir -p /models/recap \
+ && chown -R 10001:10001 /models
+VOLUME ["/models"]
+USER 10001:10001
+WORKDIR /home/recap
+
+# Healthy while every Celery node of this container answers a ping (docker/healthcheck.py).
+# The model loads on the first chunk, not at start, so the start period is short.
+HEALTHCHECK --interval=30s --timeout=20s --start-period=60s --retries=3 \
+  CMD ["python", "/opt/recap/healthcheck.py", "--timeout", "5"]
+
+# SIGTERM: `recap worker` passes it to its Celery workers, which shut down warm (they finish
+# what they hold, then exit). Give the container a stop grace period that covers at least
+# one batch on the GPU (compose: stop_grace_period: 60s; docker run/stop: --stop-timeout /
+# --time 60; Kubernetes: terminationGracePeriodSeconds). Past it the worker is killed and
+# its chunk is re-run once its lease runs out: nothing is lost, only time.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["recap", "worker"]
+CMD ["--gpus", "all"]
