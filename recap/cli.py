@@ -289,16 +289,28 @@ def export(
     export_status: Annotated[str, typer.Option("--status", help="done, failed or all.")] = "done",
     exclude_flags: Annotated[str, typer.Option(help="Comma-separated quality flags to leave out.")] = "",
     rows_per_shard: Annotated[int, typer.Option(min=1, help="Rows per shard when --out is a folder.")] = 1_000_000,
+    since: Annotated[Optional[str], typer.Option(help="Only items updated at or after this ISO time.")] = None,
 ) -> None:
     """Write a job's results in the Recap-DataComp-1B column layout."""
+    from datetime import datetime, timezone
+
     from producer.export import export_job
+
+    since_time = None
+    if since:
+        try:
+            since_time = datetime.fromisoformat(since)
+        except ValueError:
+            raise RecapError(f"--since takes an ISO date or time like 2026-11-26T10:00, got {since!r}") from None
+        if since_time.tzinfo is None:
+            since_time = since_time.replace(tzinfo=timezone.utc)
 
     store = _local_store()
     job_info = store.get_job(job)
     flags = [f.strip() for f in exclude_flags.split(",") if f.strip()]
     stats = export_job(
         store, job_info, out_path, fmt=fmt, status=export_status, exclude_flags=flags,
-        rows_per_shard=rows_per_shard,
+        rows_per_shard=rows_per_shard, since=since_time,
     )
     out.print(f"exported {stats.rows:,} rows in {stats.files} file(s) to {out_path}")
 

@@ -109,3 +109,20 @@ def test_run_resumes_after_a_kill_without_redoing_done_items(tmp_path, image_ser
     assert {r["key"]: r["caption"] for r in rows if r["key"] in before} == before
     lines = (tmp_path / "out.jsonl").read_text().splitlines()
     assert len(lines) == 150
+
+
+@pytest.mark.parametrize("family", ["llava-next", "mllama"])
+def test_every_family_runs_through_recap_run_on_an_image_folder(tmp_path, family):
+    """The other tiny families, on local images (no fetching): every picture gets a caption."""
+    out = tmp_path / "out.parquet"
+    env = {**run_env(tmp_path, "unused"), "RECAP_MODEL": f"tiny-{family}", "RECAP_CACHE_DIR": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, "-m", "recap.cli", "run", str(REPO / "examples" / "images"), "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=200,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "meaningless" in result.stderr
+    table = pq.read_table(out).to_pylist()
+    assert len(table) == 6 and all(r["re_caption"] for r in table)
+    assert {r["key"] for r in table} >= {"red-circle.jpg", "sunset.jpg"}
+    assert next(r for r in table if r["key"] == "red-circle.jpg")["org_caption"] == "a red circle on a white background"
