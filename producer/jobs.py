@@ -8,8 +8,7 @@ from collections.abc import Callable
 
 from recap.settings import Settings
 from recap.store import JobInfo, RegisterStats, Store
-
-from workers.engine import TINY_MODELS as TINY_ALIASES  # noqa: E402  (no torch at import)
+from workers.engine import TINY_MODELS as TINY_ALIASES  # noqa: F401  (imports no torch)
 
 
 def model_slug(model: str) -> str:

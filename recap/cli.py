@@ -434,6 +434,20 @@ def flower(
     raise typer.Exit(subprocess.call(argv, env=env))
 
 
+@command(app, "drop")
+def drop(
+    job: Annotated[str, typer.Option(help="Job name.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Really delete it.")] = False,
+) -> None:
+    """Delete a job with all its items and chunks (PostgreSQL drops its partition whole)."""
+    store = _local_store()
+    job_info = store.get_job(job)
+    if not yes:
+        raise RecapError(f"this deletes job {job!r} and all its results: add --yes to confirm")
+    store.drop_job(job_info)
+    out.print(f"dropped job {job}")
+
+
 def main() -> None:
     sys.exit(app())
 

@@ -97,7 +97,10 @@ class Item(Base):
     worker: Mapped[str | None] = mapped_column(String(200))
     updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
-    __table_args__ = (Index("ix_items_job_chunk", "job_id", "chunk_no"),)
+    __table_args__ = (
+        Index("ix_items_job_chunk", "job_id", "chunk_no"),
+        {"postgresql_partition_by": "LIST (job_id)"},  # one partition per job (recap/store.py)
+    )
 
 
 ITEM_STATUSES = ("pending", "done", "failed")

@@ -16,7 +16,7 @@ depends_on = None
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 # Items and chunks are updated in place once or a few times per row: leave room on each
 # page for HOT updates and let autovacuum keep up with an update-heavy table.
-UPDATE_HEAVY = {
+UPDATE_HEAVY = {  # also the storage parameters of each job's items partition (recap/store.py)
     "postgresql_with": {
         "fillfactor": "80",
         "autovacuum_vacuum_scale_factor": "0.02",
@@ -84,7 +84,10 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.DateTime(timezone=True)),
         sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("job_id", "key"),
-        **UPDATE_HEAVY,
+        # On PostgreSQL one partition per job (created with the job, storage parameters on
+        # the partition): a job's rows are dropped or archived whole, and a billion rows
+        # never share one index.
+        postgresql_partition_by="LIST (job_id)",
     )
     op.create_index("ix_items_job_chunk", "items", ["job_id", "chunk_no"])
 
