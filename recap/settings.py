@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(7200, ge=1)
     feed_interval_s: float = Field(30.0, gt=0)  # how often an idle worker tops up the queue
     db_retry_s: float = Field(300.0, ge=0)  # how long a worker waits out a database outage
+    straggler_grace_s: float = Field(2.0, gt=0)  # idle engine time before stragglers are left behind
+    straggler_share: float = Field(0.1, ge=0, le=1)  # at most this share of a chunk is left behind
 
     # Fetching
     fetch_timeout_s: float = Field(20.0, gt=0)

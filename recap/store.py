@@ -404,7 +404,7 @@ class Store:
         conn.execute(
             update(chunks_t)
             .where(chunks_t.c.job_id == job_id, chunks_t.c.chunk_no == chunk_no)
-            .values(updated_at=func.now(), **values)
+            .values(updated_at=_now_sql(conn), **values)
         )
 
     @retrying
@@ -613,7 +613,7 @@ class Store:
                 worker=bindparam("b_worker"),
                 model_revision=bindparam("b_model_revision"),
                 attempts=items_t.c.attempts + 1,
-                updated_at=func.now(),
+                updated_at=_now_sql(conn),
             )
         )
         conn.execute(
@@ -689,7 +689,7 @@ class Store:
                 items_t.c.status == "failed",
                 items_t.c.error_class.in_(classes),
             )
-            .values(status="pending", error_class=None, error=None, updated_at=func.now())
+            .values(status="pending", error_class=None, error=None, updated_at=_now_sql(conn))
         )
         errors = Counter(chunk["error_counts"] or {})
         for cls in classes:
@@ -859,6 +859,14 @@ FROM new
 ON CONFLICT DO NOTHING
 RETURNING chunk_no
 """
+
+
+def _now_sql(conn: Connection):
+    """The database's current time; with milliseconds on SQLite too (CURRENT_TIMESTAMP
+    there has whole seconds only)."""
+    if conn.dialect.name == "sqlite":
+        return func.strftime("%Y-%m-%d %H:%M:%f", "now")
+    return func.now()
 
 
 class _ChunkCursor:

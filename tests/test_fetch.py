@@ -286,31 +286,24 @@ def test_a_timed_out_connection_is_not_reused(quick, image_server):
 # ---------------------------------------------------------------------------- retries
 
 
-def test_retries_5xx_then_succeeds(image_server):
-    name = unique("five")
-    with Fetcher(make_settings(fetch_retries=2)) as f:
-        outcome = f.fetch(image_server.url(f"/flaky/{name}?fail=2&code=503"))
-    assert outcome.ok, outcome.failure
-    assert outcome.attempts == 3
-    assert image_server.hits[f"/flaky/{name}"] == 3
-
-
-def test_gives_up_after_the_allowed_retries(image_server):
-    name = unique("down")
-    with Fetcher(make_settings(fetch_retries=2)) as f:
-        outcome = f.fetch(image_server.url(f"/flaky/{name}?fail=9&code=500"))
-    assert outcome.failure.error_class is E.HTTP_5XX
-    assert outcome.attempts == 3
-    assert image_server.hits[f"/flaky/{name}"] == 3
-
-
-def test_never_retries_4xx(image_server):
-    name = unique("gone")
-    with Fetcher(make_settings(fetch_retries=3)) as f:
-        outcome = f.fetch(image_server.url(f"/flaky/{name}?fail=9&code=404"))
-    assert outcome.failure.error_class is E.HTTP_4XX
-    assert outcome.attempts == 1
-    assert image_server.hits[f"/flaky/{name}"] == 1
+@pytest.mark.parametrize(
+    "code, fail, retries, expected_class, attempts",
+    [
+        (503, 2, 2, None, 3),  # retried, then served
+        (500, 9, 2, E.HTTP_5XX, 3),  # gives up after the allowed retries
+        (404, 9, 3, E.HTTP_4XX, 1),  # a 4xx is never retried
+    ],
+)
+def test_retries_only_what_is_transient(image_server, code, fail, retries, expected_class, attempts):
+    name = unique(f"flaky{code}")
+    with Fetcher(make_settings(fetch_retries=retries)) as f:
+        outcome = f.fetch(image_server.url(f"/flaky/{name}?fail={fail}&code={code}"))
+    if expected_class is None:
+        assert outcome.ok, outcome.failure
+    else:
+        assert outcome.failure.error_class is expected_class
+    assert outcome.attempts == attempts
+    assert image_server.hits[f"/flaky/{name}"] == attempts
 
 
 def test_never_retries_content_errors(image_server):

@@ -126,3 +126,29 @@ def test_every_family_runs_through_recap_run_on_an_image_folder(tmp_path, family
     assert len(table) == 6 and all(r["re_caption"] for r in table)
     assert {r["key"] for r in table} >= {"red-circle.jpg", "sunset.jpg"}
     assert next(r for r in table if r["key"] == "red-circle.jpg")["org_caption"] == "a red circle on a white background"
+
+
+def test_a_straggler_does_not_hold_the_engine_its_chunk_finishes_later(tmp_path, image_server, tiny_model_dir):
+    """One URL of chunk 0 answers after 5 s: chunk 1 is captioned meanwhile, and the
+    straggler still gets its caption, once."""
+    urls = [image_server.url(f"/img/48x48.jpg?seed={i}") for i in range(40)]
+    urls[3] = image_server.url("/slow?delay=5&seed=3")
+    path = tmp_path / "urls.txt"
+    path.write_text("\n".join(urls) + "\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "recap.cli", "run", str(path), "--out", str(tmp_path / "out.parquet")],
+        env=run_env(tmp_path, tiny_model_dir, RECAP_CHUNK_SIZE="20", RECAP_FETCH_TIMEOUT_S="15",
+                    RECAP_STRAGGLER_GRACE_S="0.5"),
+        capture_output=True, text=True, timeout=200,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/recap.db")
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT url, chunk_no, status, attempts, updated_at FROM items")).mappings().all()
+        chunks = conn.execute(sa.text("SELECT state FROM chunks")).scalars().all()
+    engine.dispose()
+    assert len(rows) == 40 and all(r["status"] == "done" and r["attempts"] == 1 for r in rows)
+    assert chunks == ["done", "done"]
+    straggler = next(r for r in rows if "/slow" in r["url"])
+    chunk1_last = max(r["updated_at"] for r in rows if r["chunk_no"] == 1)
+    assert straggler["updated_at"] > chunk1_last, "chunk 1 should not have waited for the straggler"

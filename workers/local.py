@@ -39,12 +39,14 @@ def run_job_locally(
             if not claim.claimed:
                 continue
             try:
-                outcome = pipeline.run_chunk(job, chunk_no, on_written=on_written)
+                outcome = pipeline.run_chunk(job, chunk_no, on_written=on_written, leave_stragglers=True)
             except BaseException:
                 store.release_chunk(job.id, chunk_no, worker, count_attempt=False)
                 raise
-            outcome.state = store.finish_chunk(job.id, chunk_no, worker)
+            if not outcome.left_to_finisher:
+                outcome.state = store.finish_chunk(job.id, chunk_no, worker)
             outcomes.append(outcome)
+        pipeline.drain()  # the stragglers of the last chunks
     finally:
         pipeline.close()
     return outcomes

@@ -8,8 +8,10 @@ batch by batch, so a kill loses at most the batch in flight.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from recap.records import Caption, ItemResult, Prepared, Rejected
@@ -28,11 +30,41 @@ class ChunkOutcome:
     done: int = 0
     failed: int = 0
     state: str = "running"
+    # Items still loading when the rest of the chunk was written: a background finisher
+    # captions them, writes them and finishes the chunk (`CaptionPipeline.finishers`).
+    left_to_finisher: int = 0
 
 
 def format_prompt(template: str, org_caption: str | None) -> str:
     """Fill `{org_caption}`; other braces in a prompt are left alone."""
     return template.replace("{org_caption}", org_caption or "")
+
+
+_END = object()
+
+
+class _Feed:
+    """Runs the loader's generator on a thread so the pipeline can wait with a timeout;
+    a bounded queue keeps the loader from running ahead of the engine."""
+
+    def __init__(self, results: Iterator, size: int):
+        self.queue: queue.Queue = queue.Queue(maxsize=size)
+        self.thread = threading.Thread(target=self._pump, args=(results,), daemon=True, name="recap-feed")
+        self.thread.start()
+
+    def _pump(self, results: Iterator) -> None:
+        try:
+            for result in results:
+                self.queue.put(result)
+        finally:
+            self.queue.put(_END)
+
+    def get(self, timeout: float | None):
+        """The next result, `_END`, or None when `timeout` passed first."""
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
 
 
 class CaptionPipeline:
@@ -46,9 +78,20 @@ class CaptionPipeline:
         self.loader = loader or ImageLoader(settings, engine.image_spec)
         self.batch_size = settings.batch_size or engine.default_batch_size
         self.busy = metrics.BusyMeter()
+        self.engine_lock = threading.Lock()  # the finishers share the engine
+        self.finishers: list[threading.Thread] = []
+        self.stopping = threading.Event()
 
     def close(self) -> None:
+        self.stopping.set()
+        self.drain(timeout=self.settings.fetch_timeout_s * (self.settings.fetch_retries + 1) + 5)
         self.loader.close()
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Wait for the finishers of earlier chunks (their stragglers)."""
+        for thread in list(self.finishers):
+            thread.join(timeout)
+        self.finishers = [t for t in self.finishers if t.is_alive()]
 
     def run_chunk(
         self,
@@ -56,36 +99,91 @@ class CaptionPipeline:
         chunk_no: int,
         on_written: Callable[[list[ItemResult]], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        leave_stragglers: bool = False,
     ) -> ChunkOutcome:
         """Caption the chunk's pending items; `on_written` runs after each batch is stored
-        (progress, lease renewal); `should_stop` ends the chunk early (graceful stop)."""
+        (progress, lease renewal); `should_stop` ends the chunk early (graceful stop).
+
+        With `leave_stragglers`, the few items still loading once everything else is
+        written (and nothing arrived for RECAP_STRAGGLER_GRACE_S) go to a background
+        finisher, so the engine can start on the next chunk instead of waiting for them.
+        """
         outcome = ChunkOutcome(job.id, chunk_no)
         items = self.store.pending_items(job.id, chunk_no)
-        ready: list[Prepared] = []
-        rejected: list[ItemResult] = []
-        for loaded in self.loader.load(items):
-            if isinstance(loaded, Rejected):
-                rejected.append(self._rejected_result(loaded))
-            else:
-                ready.append(loaded)
-                metrics.FETCH_SECONDS.observe(loaded.fetch_ms / 1000)
-            metrics.BUFFER_DEPTH.set(len(ready))
-            if len(ready) >= self.batch_size or len(rejected) >= self.batch_size:
-                self._write(job, chunk_no, self._caption(job, ready) + rejected, outcome, on_written)
-                ready, rejected = [], []
+        feed = _Feed(self.loader.load(items), size=2 * self.batch_size)
+        batch = _Batch()
+        remaining = len(items)
+        may_leave = max(1, int(len(items) * self.settings.straggler_share))
+        while remaining:
+            tail = leave_stragglers and remaining <= may_leave
+            loaded = feed.get(timeout=self.settings.straggler_grace_s if tail else None)
+            if loaded is None:  # only stragglers left, and the engine would wait for them
+                self._flush(job, chunk_no, batch, outcome, on_written)
+                outcome.left_to_finisher = remaining
+                self._hand_off(job, chunk_no, feed, remaining, on_written)
+                return outcome
+            if loaded is _END:
+                break
+            remaining -= 1
+            batch.add(self, loaded)
+            if batch.full(self.batch_size):
+                self._flush(job, chunk_no, batch, outcome, on_written)
                 if should_stop and should_stop():
                     return outcome
-        if ready or rejected:
-            self._write(job, chunk_no, self._caption(job, ready) + rejected, outcome, on_written)
+        self._flush(job, chunk_no, batch, outcome, on_written)
         return outcome
+
+    def _flush(self, job, chunk_no, batch: "_Batch", outcome, on_written) -> None:
+        if batch.empty():
+            return
+        results = self._caption(job, batch.ready) + batch.rejected
+        batch.clear()
+        self._write(job, chunk_no, results, outcome, on_written)
+
+    def _hand_off(self, job, chunk_no, feed: _Feed, remaining: int, on_written) -> None:
+        thread = threading.Thread(
+            target=self._finish_stragglers, args=(job, chunk_no, feed, remaining, on_written),
+            daemon=True, name=f"recap-finisher-{chunk_no}",
+        )
+        self.finishers = [t for t in self.finishers if t.is_alive()] + [thread]
+        thread.start()
+
+    def _finish_stragglers(self, job, chunk_no, feed: _Feed, remaining: int, on_written) -> None:
+        """Caption each straggler as it arrives, keep the chunk's lease meanwhile, then
+        finish the chunk. If this process dies first, the lease runs out and another
+        worker takes the chunk's pending items: nothing is done twice."""
+        outcome = ChunkOutcome(job.id, chunk_no)
+        lease_s = self.settings.lease_s
+        renewed = time.monotonic()
+        try:
+            while remaining and not self.stopping.is_set():
+                if time.monotonic() - renewed > lease_s / 3:
+                    self.store.renew_lease(job.id, chunk_no, self.worker, lease_s)
+                    renewed = time.monotonic()
+                loaded = feed.get(timeout=min(lease_s / 3, 1.0))
+                if loaded is None:
+                    continue
+                if loaded is _END:
+                    break
+                remaining -= 1
+                batch = _Batch()
+                batch.add(self, loaded)
+                self._flush(job, chunk_no, batch, outcome, on_written)
+            if self.stopping.is_set() and remaining:
+                self.store.release_chunk(job.id, chunk_no, self.worker, count_attempt=False)
+            else:
+                self.store.finish_chunk(job.id, chunk_no, self.worker)
+        except Exception:  # the lease runs out and the chunk is taken again
+            log.exception("finishing the stragglers of chunk %s/%s failed", job.id, chunk_no)
 
     def _caption(self, job: JobInfo, ready: list[Prepared]) -> list[ItemResult]:
         if not ready:
             return []
         prompts = [format_prompt(job.prompt, p.item.org_caption) for p in ready]
-        started = time.monotonic()
-        captions = self.engine.caption([p.image for p in ready], prompts)
-        busy = time.monotonic() - started
+        with self.engine_lock:
+            started = time.monotonic()
+            captions = self.engine.caption([p.image for p in ready], prompts)
+            busy = time.monotonic() - started
         metrics.BATCH_SIZE.observe(len(ready))
         metrics.BATCH_SECONDS.observe(busy)
         self.busy.record(busy, len(ready))
@@ -136,3 +234,28 @@ class CaptionPipeline:
         outcome.failed += sum(r.status == "failed" for r in results)
         if on_written:
             on_written(results)
+
+
+class _Batch:
+    """What waits for the engine (prepared images) and for the store (rejections)."""
+
+    def __init__(self):
+        self.ready: list[Prepared] = []
+        self.rejected: list[ItemResult] = []
+
+    def add(self, pipeline: CaptionPipeline, loaded: Prepared | Rejected) -> None:
+        if isinstance(loaded, Rejected):
+            self.rejected.append(pipeline._rejected_result(loaded))
+        else:
+            self.ready.append(loaded)
+            metrics.FETCH_SECONDS.observe(loaded.fetch_ms / 1000)
+        metrics.BUFFER_DEPTH.set(len(self.ready))
+
+    def full(self, size: int) -> bool:
+        return len(self.ready) >= size or len(self.rejected) >= size
+
+    def empty(self) -> bool:
+        return not self.ready and not self.rejected
+
+    def clear(self) -> None:
+        self.ready, self.rejected = [], []

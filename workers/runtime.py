@@ -48,6 +48,7 @@ class WorkerRuntime:
 
                 engine = load_engine(self.settings)
                 self._pipeline = CaptionPipeline(self.settings, engine, self.store, self.name)
+                self._pipeline.stopping = self.stopping  # a stop also stops the finishers
             return self._pipeline
 
     def handle_chunk(self, ref: ChunkRef) -> str:
@@ -67,7 +68,9 @@ class WorkerRuntime:
         job = self.store.job_by_id(ref.job_id)
         try:
             with self._lease_kept(ref):
-                outcome = pipeline.run_chunk(job, ref.chunk_no, should_stop=self.stopping.is_set)
+                outcome = pipeline.run_chunk(
+                    job, ref.chunk_no, should_stop=self.stopping.is_set, leave_stragglers=True
+                )
         except EngineFatalError as exc:
             # The device is broken (not the items): give the chunk back untouched and end
             # this process; Celery starts a fresh child, which initialises CUDA anew.
@@ -80,6 +83,10 @@ class WorkerRuntime:
         if self.stopping.is_set():
             self.store.release_chunk(ref.job_id, ref.chunk_no, self.name, count_attempt=False)
             return "released: worker stopping"
+        if outcome.left_to_finisher:
+            metrics.CHUNKS.labels("left_to_finisher").inc()
+            return (f"{outcome.done} done, {outcome.failed} failed, "
+                    f"{outcome.left_to_finisher} straggler(s) left to the finisher")
         state = self.store.finish_chunk(ref.job_id, ref.chunk_no, self.name)
         metrics.CHUNKS.labels(state).inc()
         return f"{state}: {outcome.done} done, {outcome.failed} failed"
