@@ -368,10 +368,16 @@ def test_worker_serves_prometheus_metrics_during_a_run(fleet, control_app, pg_ur
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     path = write_urls(tmp_path, good_urls(image_server, 40) + [image_server.url("/status/404")])
-    fleet.start_worker(extra_env={"RECAP_METRICS_PORT": str(port)})
+    # The local server trusts any password: a secret in the URL must appear nowhere.
+    fleet.env["RECAP_DATABASE_URL"] = pg_url.replace("postgres@", "postgres:pg-secret-4711@")
+    fleet.start_worker(extra_env={"RECAP_METRICS_PORT": str(port), "RECAP_LOG_LEVEL": "DEBUG"})
     fleet.wait_ready(control_app, 1)
-    assert recap(fleet, "submit", str(path), "--job", "metrics").returncode == 0
+    submitted = recap(fleet, "submit", str(path), "--job", "metrics")
+    assert submitted.returncode == 0, submitted.stderr
     wait_until(lambda: finished(pg_url), 120, what="the run")
+    status = recap(fleet, "status")
+    for text in (submitted.stdout + submitted.stderr, status.stdout + status.stderr, fleet.logs()):
+        assert "pg-secret-4711" not in text
 
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     for name in ("recap_items_total", "recap_batch_size", "recap_batch_seconds", "recap_fetch_seconds",

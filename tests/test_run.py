@@ -152,3 +152,39 @@ def test_a_straggler_does_not_hold_the_engine_its_chunk_finishes_later(tmp_path,
     straggler = next(r for r in rows if "/slow" in r["url"])
     chunk1_last = max(r["updated_at"] for r in rows if r["chunk_no"] == 1)
     assert straggler["updated_at"] > chunk1_last, "chunk 1 should not have waited for the straggler"
+
+
+def test_webdataset_shards_are_captioned_from_their_own_bytes(tmp_path, tiny_model_dir):
+    """A shard of already-downloaded images: read, never fetched; keys and captions kept."""
+    import io
+    import json
+    import tarfile
+
+    from PIL import Image
+
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(12):
+            key = f"{i:09d}"
+            buffer = io.BytesIO()
+            Image.new("RGB", (64 + i, 48), (20 * i, 100, 200)).save(buffer, "JPEG")
+            members = {
+                f"{key}.jpg": buffer.getvalue(),
+                f"{key}.txt": f"alt text {i}".encode(),
+                f"{key}.json": json.dumps({"url": f"http://images.example.invalid/{i}.jpg"}).encode(),
+            }
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "out.parquet"
+    result = subprocess.run(
+        [sys.executable, "-m", "recap.cli", "run", str(shard), "--out", str(out)],
+        env=run_env(tmp_path, tiny_model_dir), capture_output=True, text=True, timeout=200,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["key"]: r for r in pq.read_table(out).to_pylist()}
+    assert len(rows) == 12 and all(r["status"] == "done" and r["re_caption"] for r in rows.values())
+    assert rows["000000003"]["org_caption"] == "alt text 3"
+    assert rows["000000003"]["url"].startswith("tar://000000003.jpg::")
+    assert (rows["000000003"]["width"], rows["000000003"]["height"]) == (67, 48)

@@ -560,8 +560,11 @@ def load_engine(settings: Settings, model: str | None = None, **engine_kwargs: A
     into `settings.cache_dir` on first use; a local directory is loaded as it is; anything
     else is a hub id loaded at `settings.model_revision`.
     """
+    from transformers.utils import logging as hf_logging
+
     from workers.tiny_model import ensure_tiny_model, is_tiny_model_dir
 
+    hf_logging.disable_progress_bar()  # recap draws its own; tqdm bars garble worker logs
     name = model or settings.model
     family = tiny_family(name)
     if family is not None:
