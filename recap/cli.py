@@ -244,33 +244,31 @@ def status(
 
 
 def _status_view(store, jobs):
+    from rich.console import Group
     from rich.table import Table
 
     table = Table(title="recap jobs", title_justify="left")
-    for column in ("job", "model", "done", "failed", "pending", "chunks r/q/p/d/f", "rate/s", "ETA", "top failures"):
-        table.add_column(column)
+    for column in ("job", "done", "failed", "pending", "chunks run/queue/wait/done/fail", "rate/s", "ETA"):
+        table.add_column(column, no_wrap=True)
+    notes = []
     for job in jobs:
         s = store.job_status(job)
-        c = s["chunks"]
-        top = ", ".join(f"{k} {v}" for k, v in list(s["errors"].items())[:3])
+        c, items = s["chunks"], s["items"]
         table.add_row(
-            s["job"], s["model"], f"{s['items']['done']:,}", f"{s['items']['failed']:,}",
-            f"{s['items']['pending']:,}",
+            s["job"], f"{items['done']:,}", f"{items['failed']:,}", f"{items['pending']:,}",
             f"{c['running']}/{c['queued']}/{c['pending']}/{c['done']}/{c['failed']}",
-            "-" if s["rate_per_s"] is None else f"{s['rate_per_s']:.1f}",
-            _duration(s["eta_s"]), top or "-",
+            "-" if s["rate_per_s"] is None else f"{s['rate_per_s']:.1f}", _duration(s["eta_s"]),
         )
-    leases = [lease for lease in store.leases() if lease["expires_in_s"] < 60]
-    if not leases:
-        return table
-    from rich.console import Group
-
-    lines = [
-        f"[yellow]lease expiring[/yellow] chunk {x['chunk_no']} of job {x['job_id']} held by "
-        f"{x['owner']}: {x['expires_in_s']}s left"
-        for x in leases
+        notes.append(f"{s['job']}: model {s['model']}")
+        if s["errors"]:
+            notes[-1] += "; failures: " + ", ".join(f"{k} {v:,}" for k, v in s["errors"].items())
+    notes += [
+        f"[yellow]lease expiring[/yellow]: chunk {x['chunk_no']} of job {x['job_id']} held by "
+        f"{x['owner']}, {x['expires_in_s']}s left"
+        for x in store.leases()
+        if x["expires_in_s"] < 60
     ]
-    return Group(table, *lines)
+    return Group(table, *notes)
 
 
 def _duration(seconds) -> str:

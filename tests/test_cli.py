@@ -49,3 +49,28 @@ def test_db_upgrade_masks_the_password(pg_url):
     assert result.returncode == 0, result.stderr
     assert "s3cret-pw" not in result.stdout + result.stderr
     assert "***" in result.stdout
+
+
+def test_status_shows_counts_failures_and_expiring_leases(sqlite_url):
+    from recap.records import InputItem, ItemResult
+    from recap.store import Store
+
+    store = Store(sqlite_url)
+    job = store.ensure_job("watched", "tiny", "describe", {}, 2)
+    store.register_items(job, [[InputItem(f"k{i}", f"http://127.0.0.1/{i}") for i in range(4)]])
+    store.claim_chunk(job.id, 0, "w", 60, 3)
+    store.write_results(job.id, 0, [ItemResult("k0", "done", caption="c"),
+                                    ItemResult("k1", "failed", error_class="timeout", error="t")])
+    store.finish_chunk(job.id, 0, "w")
+    store.claim_chunk(job.id, 1, "recap-gpu0-1@host:7", 30, 3)
+    result = run_cli("status", env={"RECAP_DATABASE_URL": sqlite_url, "COLUMNS": "120"})
+    assert result.returncode == 0, result.stderr
+    assert "watched" in result.stdout and "failures: timeout 1" in result.stdout
+    assert "lease expiring" in result.stdout and "recap-gpu0-1@host:7" in result.stdout
+    as_json = run_cli("status", "--job", "watched", "--json", env={"RECAP_DATABASE_URL": sqlite_url})
+    import json
+
+    payload = json.loads(as_json.stdout)
+    assert payload["items"] == {"total": 4, "pending": 2, "done": 1, "failed": 1}
+    assert payload["chunks"] == {"pending": 0, "queued": 0, "running": 1, "done": 1, "failed": 0}
+    assert set(payload) == {"job", "model", "items", "errors", "chunks", "rate_per_s", "eta_s"}
