@@ -486,7 +486,7 @@ def _image_item(
     # Only an explicit --sha256-col is a promise about these bytes: img2dataset's and
     # DataComp's json `sha256` hashes the original download, not the resized file.
     sha = _sha_text(meta.get(options.sha256_col)) if options.sha256_col else None
-    return InputItem(key, url, caption, sha)
+    return InputItem(key, url, caption, sha, local=True)
 
 
 def read_image(src: Source, options: ColumnOptions, stats: ReadStats, batch_rows: int):

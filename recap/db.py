@@ -51,12 +51,22 @@ def require_postgres(url: str | None, command: str) -> str:
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # SQLAlchemy emits BEGIN itself (below), not pysqlite, which would only begin at the
+    # first write and let two read-modify-write transactions interleave.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")  # readers (status, export) never block the run
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _sqlite_begin(conn) -> None:
+    """Writers take the write lock up front (counters are read, then written); a long
+    read (an export) begins deferred so it never blocks the run (WAL)."""
+    mode = "DEFERRED" if conn.get_execution_options().get("recap_read_only") else "IMMEDIATE"
+    conn.exec_driver_sql(f"BEGIN {mode}")
 
 
 @lru_cache(maxsize=8)
@@ -70,6 +80,7 @@ def get_engine(url: str) -> Engine:
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url)
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(
         url,

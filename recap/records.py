@@ -20,6 +20,9 @@ class InputItem:
     url: str
     org_caption: str | None = None
     expected_sha256: str | None = None
+    # Set only by the shard and image-folder readers: a URL list can never make a worker
+    # read a local file or an fsspec target (its `file://`/`tar://` URLs are `bad_scheme`).
+    local: bool = False
 
 
 ImageMode = Literal["pad", "crop"]

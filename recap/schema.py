@@ -7,6 +7,7 @@ from datetime import datetime
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -80,6 +81,7 @@ class Item(Base):
     key: Mapped[str] = mapped_column(String(300), primary_key=True)
     chunk_no: Mapped[int] = mapped_column(Integer)
     url: Mapped[str] = mapped_column(Text)
+    local: Mapped[bool] = mapped_column(Boolean, default=False)  # see InputItem.local
     org_caption: Mapped[str | None] = mapped_column(Text)
     expected_sha256: Mapped[str | None] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), default="pending")

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy import bindparam, case, func, select, text, update
 from sqlalchemy.engine import Connection
 
 from recap.db import get_engine, normalise_url
@@ -246,11 +246,11 @@ class Store:
             cur.execute("SET LOCAL synchronous_commit = off")
             cur.execute(_STAGING_DDL)
             with cur.copy(
-                "COPY recap_staging (ord, key, url, org_caption, expected_sha256) FROM STDIN"
+                "COPY recap_staging (ord, key, url, local, org_caption, expected_sha256) FROM STDIN"
             ) as copy:
                 for ord_, item in enumerate(unique):
                     copy.write_row(
-                        (ord_, item.key, item.url, item.org_caption, item.expected_sha256)
+                        (ord_, item.key, item.url, item.local, item.org_caption, item.expected_sha256)
                     )
             cur.execute(
                 _INSERT_FROM_STAGING,
@@ -277,6 +277,7 @@ class Store:
                 "key": item.key,
                 "chunk_no": cursor.take(),
                 "url": item.url,
+                "local": item.local,
                 "org_caption": item.org_caption,
                 "expected_sha256": item.expected_sha256,
                 "status": "pending",
@@ -309,9 +310,13 @@ class Store:
         if not counts:
             return
         stmt = self._insert(chunks_t)
+        # A chunk finished between two batches of the same registration (or by an earlier
+        # run) is reopened when items join it, or they would never be picked up.
+        finished = (chunks_t.c.state == "done") | (chunks_t.c.state == "failed")
+        reopened = case((finished, "pending"), else_=chunks_t.c.state)
         stmt = stmt.on_conflict_do_update(
             index_elements=["job_id", "chunk_no"],
-            set_={"item_count": chunks_t.c.item_count + stmt.excluded.item_count},
+            set_={"item_count": chunks_t.c.item_count + stmt.excluded.item_count, "state": reopened},
         )
         conn.execute(
             stmt,
@@ -377,12 +382,16 @@ class Store:
     def _claim_refusal(chunk, owner: str, now: float, max_attempts: int, force: bool) -> str:
         if chunk["state"] == "done":
             return "done"
+        lease_live = (chunk["lease_expires_at"] or 0) > now
+        held_by_other = chunk["state"] == "running" and lease_live and chunk["lease_owner"] != owner
         if force:
-            return ""
+            # `recap run` takes over what an earlier, killed `recap run` left running, but
+            # never a live fleet worker's lease (a fleet job run by hand on PostgreSQL).
+            local = (chunk["lease_owner"] or "").startswith("recap-local-")
+            return "leased" if held_by_other and not local else ""
         if chunk["state"] == "failed":
             return "failed"
-        lease_live = (chunk["lease_expires_at"] or 0) > now
-        if chunk["state"] == "running" and lease_live and chunk["lease_owner"] != owner:
+        if held_by_other:
             return "leased"
         if chunk["attempts"] >= max_attempts:
             return "exhausted"
@@ -429,8 +438,10 @@ class Store:
         """Release our lease: `done` when every item is, else back to `pending`."""
         with self.engine.begin() as conn:
             chunk = self._lock_chunk(conn, job_id, chunk_no)
-            if chunk is None or chunk["state"] in ("done", "failed"):
-                return chunk["state"] if chunk else "missing"
+            if chunk is None:
+                return "missing"
+            if chunk["state"] != "running" or chunk["lease_owner"] != owner:
+                return chunk["state"]  # not ours any more (lease expired and taken): hands off
             complete = chunk["done_count"] + chunk["failed_count"] >= chunk["item_count"]
             state = "done" if complete else "pending"
             self._set_chunk(
@@ -538,7 +549,8 @@ class Store:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(
-                    items_t.c.key, items_t.c.url, items_t.c.org_caption, items_t.c.expected_sha256
+                    items_t.c.key, items_t.c.url, items_t.c.org_caption,
+                    items_t.c.expected_sha256, items_t.c.local,
                 )
                 .where(
                     items_t.c.job_id == job_id,
@@ -547,7 +559,7 @@ class Store:
                 )
                 .order_by(items_t.c.key)
             ).all()
-        return [InputItem(r.key, r.url, r.org_caption, r.expected_sha256) for r in rows]
+        return [InputItem(r.key, r.url, r.org_caption, r.expected_sha256, bool(r.local)) for r in rows]
 
     @retrying
     def write_results(
@@ -564,6 +576,7 @@ class Store:
         """
         if not results:
             return 0
+        results = list({r.key: r for r in results}.values())  # a key once, or counters drift
         with self.engine.begin() as conn:
             chunk = self._lock_chunk(conn, job_id, chunk_no)
             if chunk is None:
@@ -663,19 +676,23 @@ class Store:
     # -- retry -----------------------------------------------------------------------
 
     def retry_failed(self, job: JobInfo, error_classes: list[str]) -> tuple[int, list[int]]:
-        """Failed items of these classes back to `pending`; returns (items, chunk numbers)."""
-        with self.engine.begin() as conn:
+        """Failed items of these classes back to `pending`, and chunks that gave up after
+        their attempts reopened; returns (items, chunk numbers). One short transaction per
+        chunk: workers writing to other chunks never wait for a long retry."""
+        with self.engine.connect() as conn:
             candidates = conn.execute(
-                select(chunks_t.c.chunk_no, chunks_t.c.error_counts).where(
-                    chunks_t.c.job_id == job.id, chunks_t.c.failed_count > 0
+                select(chunks_t.c.chunk_no, chunks_t.c.state, chunks_t.c.error_counts).where(
+                    chunks_t.c.job_id == job.id,
+                    (chunks_t.c.failed_count > 0) | (chunks_t.c.state == "failed"),
                 )
             ).all()
-            chunk_nos = [
-                c.chunk_no for c in candidates
-                if any((c.error_counts or {}).get(cls) for cls in error_classes)
-            ]
-            total = 0
-            for chunk_no in chunk_nos:
+        chunk_nos = [
+            c.chunk_no for c in candidates
+            if c.state == "failed" or any((c.error_counts or {}).get(cls) for cls in error_classes)
+        ]
+        total = 0
+        for chunk_no in chunk_nos:
+            with self.engine.begin() as conn:
                 total += self._retry_chunk(conn, job.id, chunk_no, error_classes)
         return total, chunk_nos
 
@@ -828,6 +845,8 @@ class Store:
         with self.engine.connect() as conn:
             if self.dialect == "postgresql":
                 conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            else:
+                conn = conn.execution_options(recap_read_only=True)
             with conn.begin():
                 result = conn.execution_options(stream_results=True, yield_per=batch_rows).execute(
                     query
@@ -842,9 +861,10 @@ _PARTITION_DDL = (
     "WITH (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.02, "
     "autovacuum_analyze_scale_factor = 0.02)"
 )
+# Dropped at commit: no session state survives a transaction (PgBouncer transaction mode).
 _STAGING_DDL = (
-    "CREATE TEMP TABLE IF NOT EXISTS recap_staging (ord integer, key text, url text, "
-    "org_caption text, expected_sha256 text) ON COMMIT DELETE ROWS"
+    "CREATE TEMP TABLE recap_staging (ord integer, key text, url text, local boolean, "
+    "org_caption text, expected_sha256 text) ON COMMIT DROP"
 )
 _INSERT_FROM_STAGING = """
 WITH new AS (
@@ -852,9 +872,10 @@ WITH new AS (
     FROM recap_staging s
     WHERE NOT EXISTS (SELECT 1 FROM items i WHERE i.job_id = %(job)s AND i.key = s.key)
 )
-INSERT INTO items (job_id, key, chunk_no, url, org_caption, expected_sha256, status, attempts)
-SELECT %(job)s, key, %(start)s + (%(fill)s + n) / %(size)s, url, org_caption, expected_sha256,
-       'pending', 0
+INSERT INTO items (job_id, key, chunk_no, url, local, org_caption, expected_sha256, status,
+                   attempts)
+SELECT %(job)s, key, %(start)s + (%(fill)s + n) / %(size)s, url, local, org_caption,
+       expected_sha256, 'pending', 0
 FROM new
 ON CONFLICT DO NOTHING
 RETURNING chunk_no

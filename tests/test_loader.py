@@ -102,7 +102,8 @@ def test_one_result_per_item_with_the_right_class(loader, image_server, shard, t
         "invalid": ("not a url", E.INVALID_URL),
         "blocked": ("http://127.0.0.2:9/x.jpg", E.BLOCKED_ADDRESS),
     }
-    results = by_key(loader.load(InputItem(k, u) for k, (u, _) in items.items()))
+    local = {"file", "tar", "tar-sub", "tar-dot", "missing-file", "missing-member", "missing-shard", "tar-html"}
+    results = by_key(loader.load(InputItem(k, u, local=k in local) for k, (u, _) in items.items()))
     assert set(results) == set(items)
     for key, (_, expected) in items.items():
         result = results[key]
@@ -167,9 +168,23 @@ def test_in_flight_is_bounded_for_any_input_length(image_server):
 def test_local_items_need_no_fetcher_traffic(loader, image_server, shard):
     image_server.reset_hits()
     members = ["000001.jpg", "sub/000002.png", "000003.webp"] * 4
-    items = [InputItem(str(i), f"tar://{m}::{shard}") for i, m in enumerate(members)]
+    items = [InputItem(str(i), f"tar://{m}::{shard}", local=True) for i, m in enumerate(members)]
     assert all(isinstance(r, Prepared) for r in loader.load(items))
     assert sum(image_server.hits.values()) == 0
+
+
+def test_a_url_list_cannot_make_a_worker_read_local_files(loader, shard, tmp_path):
+    """file:// and tar:// in a URL list are refused like any other non-http scheme: only the
+    shard and folder readers mark items local."""
+    picture = tmp_path / "secret.png"
+    picture.write_bytes(srv.render_image(60, 40, "PNG", 1))
+    items = [InputItem("file", picture.as_uri()), InputItem("tar", f"tar://000001.jpg::{shard}"),
+             InputItem("etc", "file:///etc/hostname")]
+    results = by_key(loader.load(items))
+    assert all(isinstance(r, Rejected) for r in results.values())
+    assert results["file"].failure.error_class is E.BAD_SCHEME
+    assert results["etc"].failure.error_class is E.BAD_SCHEME
+    assert results["tar"].failure.error_class in (E.BAD_SCHEME, E.INVALID_URL)
 
 
 # ---------------------------------------------------------------------------- isolation, deadline

@@ -175,3 +175,49 @@ def test_copy_registration_numbers_chunks_like_the_generic_path(pg_url):
             "SELECT chunk_no, count(*) FROM items WHERE job_id = :j GROUP BY chunk_no"), {"j": job.id}).all())
     assert per_chunk == {0: 3, 1: 3, 2: 3, 3: 2}
     assert store.job_status(job)["chunks"]["pending"] == 4
+
+
+def test_a_chunk_finished_during_registration_is_reopened_when_items_join_it(store):
+    import time
+
+    job = _job(store, chunk_size=4)
+    items = _items(8)
+
+    def batches():
+        yield items[:6]  # chunk 0 full, chunk 1 holds 2
+        for _ in range(100):  # the first batch is written on a thread: wait for it
+            if store.chunk_states(job.id, ["pending"]) == [0, 1]:
+                break
+            time.sleep(0.02)
+        assert store.claim_chunk(job.id, 1, "w", 60, 3).claimed
+        store.write_results(job.id, 1, [ItemResult(i.key, "done", caption="c") for i in items[4:6]])
+        assert store.finish_chunk(job.id, 1, "w") == "done"
+        yield items[6:]  # joins chunk 1
+
+    store.register_items(job, batches())
+    assert sorted(store.chunk_states(job.id, ["pending"])) == [0, 1]
+    assert [i.key for i in store.pending_items(job.id, 1)] == ["k0006", "k0007"]
+
+
+def test_only_the_lease_owner_finishes_a_chunk(store):
+    import time
+
+    job = _job(store)
+    store.register_items(job, [_items(4)])
+    assert store.claim_chunk(job.id, 0, "a", 0.01, 3).claimed
+    time.sleep(0.05)
+    assert store.claim_chunk(job.id, 0, "b", 60, 3).claimed  # a's lease ran out
+    assert store.finish_chunk(job.id, 0, "a") == "running"  # a stale worker changes nothing
+    assert store.renew_lease(job.id, 0, "b", 60)
+
+
+def test_retry_reopens_a_chunk_that_gave_up(store):
+    job = _job(store)
+    store.register_items(job, [_items(4)])
+    for _ in range(2):
+        store.claim_chunk(job.id, 0, "w", 60, 2)
+        store.release_chunk(job.id, 0, "w", error="boom")
+    assert store.claim_chunk(job.id, 0, "w", 60, 2).reason == "exhausted"
+    count, chunks = store.retry_failed(job, ["timeout"])
+    assert (count, chunks) == (0, [0])
+    assert store.claim_chunk(job.id, 0, "w", 60, 2).claimed

@@ -24,7 +24,7 @@ from recap.records import ImageSpec, InputItem, Prepared, Rejected
 from recap.settings import Settings
 from workers.fetch import Fetcher
 from workers.prepare import ImageLimits, PreparedImage, prepare_hashed
-from workers.sources import is_local, read_local
+from workers.sources import read_local
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class ImageLoader:
               cancel: threading.Event) -> tuple[bytes | None, Failure | None, int]:
         """(data, failure, attempts) from the network or a local source."""
         url = item.url if isinstance(item.url, str) else ""
-        if is_local(url):
+        if item.local:
             try:
                 got = read_local(url, self._max_bytes)
             except Exception as exc:

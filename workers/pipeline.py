@@ -49,22 +49,51 @@ class _Feed:
 
     def __init__(self, results: Iterator, size: int):
         self.queue: queue.Queue = queue.Queue(maxsize=size)
-        self.thread = threading.Thread(target=self._pump, args=(results,), daemon=True, name="recap-feed")
+        self.results = results
+        self.closed = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._pump, daemon=True, name="recap-feed")
         self.thread.start()
 
-    def _pump(self, results: Iterator) -> None:
+    def _pump(self) -> None:
         try:
-            for result in results:
-                self.queue.put(result)
+            for result in self.results:
+                while not self._put(result):
+                    if self.closed.is_set():
+                        return
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            self.error = exc
         finally:
-            self.queue.put(_END)
+            self._put(_END)
+            if self.closed.is_set():
+                self.results.close()  # cancels the loader's work in flight
+
+    def _put(self, item) -> bool:
+        try:
+            self.queue.put(item, timeout=0.2)
+            return True
+        except queue.Full:
+            return False
 
     def get(self, timeout: float | None):
         """The next result, `_END`, or None when `timeout` passed first."""
         try:
-            return self.queue.get(timeout=timeout)
+            item = self.queue.get(timeout=timeout)
         except queue.Empty:
             return None
+        if item is _END and self.error is not None:
+            raise self.error
+        return item
+
+    def close(self) -> None:
+        """Stop feeding (an early return or an error): the pump thread ends and the
+        loader's items in flight are abandoned."""
+        self.closed.set()
+        while True:
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                break
 
 
 class CaptionPipeline:
@@ -111,9 +140,17 @@ class CaptionPipeline:
         outcome = ChunkOutcome(job.id, chunk_no)
         items = self.store.pending_items(job.id, chunk_no)
         feed = _Feed(self.loader.load(items), size=2 * self.batch_size)
+        try:
+            self._run_feed(job, chunk_no, feed, len(items), outcome, on_written, should_stop, leave_stragglers)
+        finally:
+            if not outcome.left_to_finisher:
+                feed.close()
+        return outcome
+
+    def _run_feed(self, job, chunk_no, feed, count, outcome, on_written, should_stop, leave_stragglers) -> None:
         batch = _Batch()
-        remaining = len(items)
-        may_leave = max(1, int(len(items) * self.settings.straggler_share))
+        remaining = count
+        may_leave = max(1, int(count * self.settings.straggler_share))
         while remaining:
             tail = leave_stragglers and remaining <= may_leave
             loaded = feed.get(timeout=self.settings.straggler_grace_s if tail else None)
@@ -121,7 +158,7 @@ class CaptionPipeline:
                 self._flush(job, chunk_no, batch, outcome, on_written)
                 outcome.left_to_finisher = remaining
                 self._hand_off(job, chunk_no, feed, remaining, on_written)
-                return outcome
+                return
             if loaded is _END:
                 break
             remaining -= 1
@@ -129,9 +166,8 @@ class CaptionPipeline:
             if batch.full(self.batch_size):
                 self._flush(job, chunk_no, batch, outcome, on_written)
                 if should_stop and should_stop():
-                    return outcome
+                    return
         self._flush(job, chunk_no, batch, outcome, on_written)
-        return outcome
 
     def _flush(self, job, chunk_no, batch: "_Batch", outcome, on_written) -> None:
         if batch.empty():
@@ -154,7 +190,7 @@ class CaptionPipeline:
         worker takes the chunk's pending items: nothing is done twice."""
         outcome = ChunkOutcome(job.id, chunk_no)
         lease_s = self.settings.lease_s
-        renewed = time.monotonic()
+        renewed = 0.0  # renew at once: the last renewal may be up to a third of a lease ago
         try:
             while remaining and not self.stopping.is_set():
                 if time.monotonic() - renewed > lease_s / 3:
@@ -175,6 +211,8 @@ class CaptionPipeline:
                 self.store.finish_chunk(job.id, chunk_no, self.worker)
         except Exception:  # the lease runs out and the chunk is taken again
             log.exception("finishing the stragglers of chunk %s/%s failed", job.id, chunk_no)
+        finally:
+            feed.close()
 
     def _caption(self, job: JobInfo, ready: list[Prepared]) -> list[ItemResult]:
         if not ready:

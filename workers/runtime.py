@@ -60,26 +60,31 @@ class WorkerRuntime:
     def _handle_chunk(self, ref: ChunkRef) -> str:
         pipeline = self.pipeline()
         s = self.settings
+        job = self.store.job_by_id(ref.job_id)  # before the claim: a failure here costs nothing
         claim = self.store.claim_chunk(ref.job_id, ref.chunk_no, self.name, s.lease_s, s.chunk_max_attempts)
         if not claim.claimed:
             metrics.CHUNKS.labels(f"skipped_{claim.reason}").inc()
             log.info("chunk %s/%s skipped: %s", ref.job_id, ref.chunk_no, claim.reason)
             return f"skipped: {claim.reason}"
-        job = self.store.job_by_id(ref.job_id)
+        lease_lost = threading.Event()
         try:
-            with self._lease_kept(ref):
+            with self._lease_kept(ref, lease_lost):
                 outcome = pipeline.run_chunk(
-                    job, ref.chunk_no, should_stop=self.stopping.is_set, leave_stragglers=True
+                    job, ref.chunk_no, leave_stragglers=True,
+                    should_stop=lambda: self.stopping.is_set() or lease_lost.is_set(),
                 )
         except EngineFatalError as exc:
-            # The device is broken (not the items): give the chunk back untouched and end
-            # this process; Celery starts a fresh child, which initialises CUDA anew.
-            self.store.release_chunk(ref.job_id, ref.chunk_no, self.name, error=str(exc), count_attempt=False)
+            # The device is broken: give the chunk back and end this process; Celery starts
+            # a fresh child, which initialises CUDA anew. The attempt counts, so an item that
+            # breaks every device it meets stops after RECAP_CHUNK_MAX_ATTEMPTS.
+            self.store.release_chunk(ref.job_id, ref.chunk_no, self.name, error=str(exc))
             log.critical("engine failure, restarting the worker process: %s", exc)
             os._exit(70)
         except Exception as exc:
             self.store.release_chunk(ref.job_id, ref.chunk_no, self.name, error=f"{type(exc).__name__}: {exc}")
             raise
+        if lease_lost.is_set():
+            return "stopped: the lease was lost (another worker has the chunk)"
         if self.stopping.is_set():
             self.store.release_chunk(ref.job_id, ref.chunk_no, self.name, count_attempt=False)
             return "released: worker stopping"
@@ -92,15 +97,18 @@ class WorkerRuntime:
         return f"{state}: {outcome.done} done, {outcome.failed} failed"
 
     @contextmanager
-    def _lease_kept(self, ref: ChunkRef):
-        """Renew the lease every third of its length while the chunk runs."""
+    def _lease_kept(self, ref: ChunkRef, lost: threading.Event):
+        """Renew the lease every third of its length while the chunk runs; set `lost` when
+        another worker has taken the chunk (after an outage longer than the lease)."""
         done = threading.Event()
 
         def renew() -> None:
             while not done.wait(self.settings.lease_s / 3):
                 try:
                     if not self.store.renew_lease(ref.job_id, ref.chunk_no, self.name, self.settings.lease_s):
-                        log.warning("lost the lease on chunk %s/%s", ref.job_id, ref.chunk_no)
+                        log.warning("lost the lease on chunk %s/%s: stopping it", ref.job_id, ref.chunk_no)
+                        lost.set()
+                        return
                 except Exception:  # the next renewal or the writes will tell
                     log.exception("lease renewal failed")
 

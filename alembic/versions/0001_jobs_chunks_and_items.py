@@ -66,6 +66,7 @@ def upgrade() -> None:
         sa.Column("key", sa.String(300), nullable=False),
         sa.Column("chunk_no", sa.Integer(), nullable=False),
         sa.Column("url", sa.Text(), nullable=False),
+        sa.Column("local", sa.Boolean(), nullable=False, server_default=sa.false()),
         sa.Column("org_caption", sa.Text()),
         sa.Column("expected_sha256", sa.String(64)),
         sa.Column("status", sa.String(16), nullable=False),
