@@ -38,7 +38,7 @@ class SimulatedEngine:
         self.per_image_s = batch_s / batch_size
         self.busy_s = 0.0
 
-    def caption(self, images, prompts):
+    def caption(self, images, prompts, generation=None):
         hold = self.per_image_s * len(images)
         time.sleep(hold)
         self.busy_s += hold

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Callable
 
@@ -17,9 +18,11 @@ def model_slug(model: str) -> str:
     return slug[-120:] or "model"
 
 
-def derive_job_name(inputs: list[str], model: str) -> str:
-    """Same inputs and model, same name: running `recap run` again resumes."""
-    digest = hashlib.sha256("\n".join([model, *sorted(inputs)]).encode()).hexdigest()[:10]
+def derive_job_name(inputs: list[str], settings: Settings, model: str) -> str:
+    """Same inputs, model, prompt and generation settings, same name: running `recap run`
+    again resumes; changing any of them starts a new job."""
+    recipe = json.dumps([model, settings.prompt, settings.generation(), sorted(inputs)], sort_keys=True)
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:10]
     return f"run-{model_slug(model)[:40]}-{digest}"
 
 

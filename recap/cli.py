@@ -149,7 +149,7 @@ def run(
     settings = _settings()
     model = model or settings.model
     store = _local_store(create=True)
-    name = job or derive_job_name(inputs, model)
+    name = job or derive_job_name(inputs, settings, model)
     job_info = open_job(store, settings, name, model)
     if model in TINY_ALIASES:
         err.print(f"[yellow]note:[/yellow] {TINY_WARNING}")

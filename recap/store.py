@@ -118,10 +118,10 @@ class Store:
                 job_id = conn.execute(select(jobs_t.c.id).where(jobs_t.c.name == name)).scalar_one()
                 conn.execute(text(_PARTITION_DDL.format(id=int(job_id))))
         job = self.get_job(name)
-        if job.model != model or job.prompt != prompt:
+        if job.model != model or job.prompt != prompt or job.generation != generation:
             raise RecapError(
-                f"job {name!r} already exists with model {job.model!r} and its own prompt; "
-                "a job owns its model and prompt: pick another --job name"
+                f"job {name!r} already exists with model {job.model!r} and its own prompt and "
+                "generation settings; a job owns them: pick another --job name"
             )
         return job
 

@@ -324,3 +324,13 @@ def test_a_broken_device_raises_instead_of_failing_every_item(model_dirs, settin
     assert engine.caption([], []) == []
     with pytest.raises(EngineFatalError, match="illegal memory access"):
         engine.caption(images(2), prompts(2))
+
+
+def test_a_jobs_recorded_generation_settings_win_over_the_workers(engines, settings):
+    """A worker serves jobs with their own settings: max_new_tokens from the job."""
+    engine = engines["llava"]
+    short = engine.caption(images(2), prompts(2), {"max_new_tokens": 3, "do_sample": False})
+    default = engine.caption(images(2), prompts(2))
+    assert [c.n_tokens for c in short] == [3, 3]
+    assert all(c.n_tokens == settings.max_new_tokens for c in default)
+    assert engine.image_spec_for("crop").mode == "crop"

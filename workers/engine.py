@@ -16,6 +16,7 @@ import hashlib
 import inspect
 import logging
 import re
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -166,6 +167,7 @@ class TransformersEngine:
         self._end_ids_cpu = torch.tensor(self._end_ids, dtype=torch.long)
         self._strip_specials = _special_token_pattern(processor)
         self.generation_config = _generation_config(model, settings, self._end_ids, self.tokenizer.pad_token_id)
+        self._configs = {None: self.generation_config}
         self.image_spec = _image_spec(processor, self.family, settings.image_mode)
         self.default_batch_size = settings.batch_size or _default_batch_size(self.family, self.device, self.is_tiny)
         self.max_fit = self.default_batch_size  # shrinks on OOM: the size that fits
@@ -188,9 +190,29 @@ class TransformersEngine:
 
     # -- the hot path ---------------------------------------------------------------
 
-    def caption(self, images: list[Image], prompts: list[str]) -> list[Caption]:
+    def image_spec_for(self, image_mode: str) -> ImageSpec:
+        """What images must look like for a job of that image mode."""
+        return _image_spec(self.processor, self.family, image_mode)
+
+    def _config_for(self, generation: dict | None):
+        """The generation config of a job's recorded settings (cached per distinct value):
+        a job owns its generation settings, whatever this worker's RECAP_* say."""
+        key = None if not generation else json.dumps(generation, sort_keys=True)
+        if key not in self._configs:
+            fields = ("max_new_tokens", "do_sample", "temperature", "top_p", "repetition_penalty")
+            update = {f: generation[f] for f in fields if generation.get(f) is not None}
+            settings = self.settings.model_copy(update=update)
+            self._configs[key] = _generation_config(
+                self.model, settings, self._end_ids, self.tokenizer.pad_token_id
+            )
+        return self._configs[key]
+
+    def caption(self, images: list[Image], prompts: list[str], generation: dict | None = None) -> list[Caption]:
+        """One caption per image; `generation` is the job's recorded generation settings.
+        Not to be called from two threads at once (the pipeline holds a lock)."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        self.generation_config = self._config_for(generation)
         results: list[Caption | None] = [None] * len(images)
         self._caption_span(tuple(range(len(images))), images, prompts, results)
         return results  # type: ignore[return-value]

@@ -105,6 +105,7 @@ class CaptionPipeline:
         self.store = store
         self.worker = worker
         self.loader = loader or ImageLoader(settings, engine.image_spec)
+        self._loaders = {engine.image_spec: self.loader}  # one per image preparation
         self.batch_size = settings.batch_size or engine.default_batch_size
         self.busy = metrics.BusyMeter()
         self.engine_lock = threading.Lock()  # the finishers share the engine
@@ -114,7 +115,20 @@ class CaptionPipeline:
     def close(self) -> None:
         self.stopping.set()
         self.drain(timeout=self.settings.fetch_timeout_s * (self.settings.fetch_retries + 1) + 5)
-        self.loader.close()
+        for loader in self._loaders.values():
+            loader.close()
+
+    def _loader_for(self, job: JobInfo):
+        """Images prepared as the job's recorded image mode asks (pad or crop)."""
+        mode = (job.generation or {}).get("image_mode")
+        if not mode or not hasattr(self.engine, "image_spec_for"):
+            return self.loader
+        spec = self.engine.image_spec_for(mode)
+        if spec not in self._loaders:
+            from workers.loader import ImageLoader
+
+            self._loaders[spec] = ImageLoader(self.settings, spec, fetcher=getattr(self.loader, "_fetcher", None))
+        return self._loaders[spec]
 
     def drain(self, timeout: float | None = None) -> None:
         """Wait for the finishers of earlier chunks (their stragglers)."""
@@ -139,7 +153,7 @@ class CaptionPipeline:
         """
         outcome = ChunkOutcome(job.id, chunk_no)
         items = self.store.pending_items(job.id, chunk_no)
-        feed = _Feed(self.loader.load(items), size=2 * self.batch_size)
+        feed = _Feed(self._loader_for(job).load(items), size=2 * self.batch_size)
         try:
             self._run_feed(job, chunk_no, feed, len(items), outcome, on_written, should_stop, leave_stragglers)
         finally:
@@ -220,7 +234,7 @@ class CaptionPipeline:
         prompts = [format_prompt(job.prompt, p.item.org_caption) for p in ready]
         with self.engine_lock:
             started = time.monotonic()
-            captions = self.engine.caption([p.image for p in ready], prompts)
+            captions = self.engine.caption([p.image for p in ready], prompts, job.generation)
             busy = time.monotonic() - started
         metrics.BATCH_SIZE.observe(len(ready))
         metrics.BATCH_SECONDS.observe(busy)
