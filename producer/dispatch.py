@@ -34,7 +34,7 @@ class Dispatcher:
 
     def top_up(self, jobs: list[JobInfo] | None = None, model: str | None = None) -> list[DispatchReport]:
         """Enqueue what each model's queue lacks, up to RECAP_MAX_QUEUED_CHUNKS."""
-        jobs = self.store.unfinished_jobs() if jobs is None else jobs
+        jobs = self.store.unfinished_jobs(model) if jobs is None else jobs
         by_model: dict[str, list[int]] = defaultdict(list)
         for job in jobs:
             if model is None or job.model == model:
@@ -48,7 +48,9 @@ class Dispatcher:
         depth = self.queue_depth(queue)
         lost = max(0, self.store.count_chunks(job_ids, "queued") - depth)
         room = max(0, self.settings.max_queued_chunks - depth)
-        refs = self.store.take_chunks_to_enqueue(job_ids, room, lost, lambda r: self._send(queue, r))
+        refs = self.store.take_chunks_to_enqueue(
+            job_ids, room, lost, lambda r: self._send(queue, r), lock_key=queue
+        )
         if refs:
             log.info("enqueued %d chunk(s) on %s (depth was %d, %d lost)", len(refs), queue, depth, lost)
         return DispatchReport(queue, depth, len(refs))

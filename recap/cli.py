@@ -44,10 +44,33 @@ def command(group: typer.Typer, *args, **kwargs):
             except RecapError as exc:
                 err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
+            except Exception as exc:
+                reason = _unreachable(exc)
+                if reason is None:
+                    raise
+                err.print(f"[red]error:[/red] {reason}", highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
 
         return group.command(*args, **kwargs)(wrapper)
 
     return decorate
+
+
+def _unreachable(exc: BaseException) -> str | None:
+    """A one-line reason when a service is down (exit 1), else None (a bug: traceback)."""
+    from recap.errors import ServiceUnavailable
+    from recap.transient import is_transient
+
+    if isinstance(exc, ServiceUnavailable):
+        return str(exc)
+    if not is_transient(exc):
+        return None
+    from sqlalchemy.exc import DBAPIError
+
+    if isinstance(exc, DBAPIError):
+        first = str(exc.orig or exc).strip().splitlines()[0] if str(exc.orig or exc).strip() else type(exc).__name__
+        return f"cannot reach the database: {first}"
+    return f"cannot reach the broker: {type(exc).__name__}: {exc}"
 
 
 def _settings():
@@ -146,8 +169,11 @@ def run(
     from producer.export import export_job
     from producer.jobs import TINY_ALIASES, derive_job_name, open_job
 
+    from producer.readers import expand_inputs
+
     settings = _settings()
     model = model or settings.model
+    expand_inputs(inputs)  # a missing input is said before any job is created
     store = _local_store(create=True)
     name = job or derive_job_name(inputs, settings, model)
     job_info = open_job(store, settings, name, model)
@@ -204,7 +230,7 @@ def _caption_with_progress(settings, store, job, model) -> None:
         except KeyboardInterrupt:
             progress.stop()
             err.print("interrupted: finished batches are saved; run the same command again to resume")
-            raise typer.Exit(130) from None
+            raise typer.Exit(1) from None
 
 
 def _print_summary(status: dict) -> None:
@@ -303,9 +329,14 @@ def export(
         if since_time.tzinfo is None:
             since_time = since_time.replace(tzinfo=timezone.utc)
 
+    from workers.quality import FLAGS
+
+    flags = [f.strip() for f in exclude_flags.split(",") if f.strip()]
+    unknown = sorted(set(flags) - set(FLAGS))
+    if unknown:
+        raise RecapError(f"unknown quality flag(s) {', '.join(unknown)}; known: {', '.join(FLAGS)}")
     store = _local_store()
     job_info = store.get_job(job)
-    flags = [f.strip() for f in exclude_flags.split(",") if f.strip()]
     stats = export_job(
         store, job_info, out_path, fmt=fmt, status=export_status, exclude_flags=flags,
         rows_per_shard=rows_per_shard, since=since_time,
@@ -328,8 +359,11 @@ def submit(
     from producer.dispatch import Dispatcher
     from producer.jobs import TINY_ALIASES, open_job
 
+    from producer.readers import expand_inputs
+
     settings = _settings()
     store = _fleet_store("submit")
+    expand_inputs(inputs)  # a missing input is said before any job is created
     model = model or settings.model
     job_info = open_job(store, settings, job, model)
     if model in TINY_ALIASES:
@@ -345,15 +379,18 @@ def submit(
 
 
 def _dispatch(dispatcher, jobs):
+    from sqlalchemy.exc import DBAPIError
+
+    from recap.errors import ServiceUnavailable
     from recap.transient import is_transient
 
     try:
         return dispatcher.top_up(jobs)
     except Exception as exc:
-        if is_transient(exc):
-            raise RecapError(
-                f"could not reach the broker ({type(exc).__name__}); the job is registered: "
-                "run `recap reconcile` once Redis is back"
+        if is_transient(exc) and not isinstance(exc, DBAPIError):
+            raise ServiceUnavailable(
+                f"could not reach the broker ({type(exc).__name__}); what was registered is "
+                "kept: run `recap reconcile` once Redis is back"
             ) from None
         raise
     finally:
@@ -424,9 +461,13 @@ def flower(
     settings = _settings()
     if not settings.flower_user or not settings.flower_password:
         raise RecapError("recap flower needs RECAP_FLOWER_USER and RECAP_FLOWER_PASSWORD (basic auth)")
+    secret = settings.flower_password.get_secret_value()
+    if "," in secret or ":" in settings.flower_user or "," in settings.flower_user:
+        # Flower splits FLOWER_BASIC_AUTH on commas (several users) and on the first colon.
+        raise RecapError("RECAP_FLOWER_USER may not contain ':' or ',', nor RECAP_FLOWER_PASSWORD ','")
     env = dict(os.environ)
     # Through the environment, so the password is not on the process list.
-    env["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{settings.flower_password.get_secret_value()}"
+    env["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{secret}"
     argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "flower",
             f"--port={port}", f"--address={address}"]
     raise typer.Exit(subprocess.call(argv, env=env))

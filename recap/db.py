@@ -84,8 +84,8 @@ def get_engine(url: str) -> Engine:
         return engine
     return create_engine(
         url,
-        pool_size=2,
-        max_overflow=4,
+        pool_size=2,  # README: at most four connections per worker process
+        max_overflow=2,
         pool_pre_ping=True,  # a failed-over Postgres leaves dead pooled connections behind
         pool_recycle=1800,
     )

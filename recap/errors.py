@@ -71,5 +71,9 @@ class RecapError(Exception):
     """A problem the user can fix (bad input, bad setting): one-line reason, exit code 2."""
 
 
+class ServiceUnavailable(Exception):
+    """The database or the broker cannot be reached: one-line reason, exit code 1."""
+
+
 class FleetConfigError(RecapError):
     """A fleet command was run without a PostgreSQL database."""

@@ -473,17 +473,19 @@ class Store:
 
     # -- dispatch --------------------------------------------------------------------
 
-    def unfinished_jobs(self) -> list[JobInfo]:
-        """Jobs with chunks still pending, queued or running."""
+    def unfinished_jobs(self, model: str | None = None) -> list[JobInfo]:
+        """Jobs (of `model`) with chunks still pending, queued or running: one index probe
+        per job, since every worker asks this on every feed tick."""
+        open_chunks = (
+            select(chunks_t.c.job_id)
+            .where(chunks_t.c.job_id == jobs_t.c.id, chunks_t.c.state.in_(["pending", "queued", "running"]))
+            .exists()
+        )
+        query = select(jobs_t).where(open_chunks).order_by(jobs_t.c.id.desc())
+        if model is not None:
+            query = query.where(jobs_t.c.model == model)
         with self.engine.connect() as conn:
-            ids = set(
-                conn.execute(
-                    select(chunks_t.c.job_id)
-                    .where(chunks_t.c.state.in_(["pending", "queued", "running"]))
-                    .distinct()
-                ).scalars()
-            )
-        return [job for job in self.list_jobs() if job.id in ids]
+            return [self._job_info(r) for r in conn.execute(query).mappings()]
 
     def count_chunks(self, job_ids: list[int], state: str) -> int:
         with self.engine.connect() as conn:
@@ -500,6 +502,7 @@ class Store:
         room: int,
         lost: int,
         send: Callable[[list[ChunkRef]], None],
+        lock_key: str | None = None,
     ) -> list[ChunkRef]:
         """Mark chunks `queued` and send their messages, in one transaction.
 
@@ -512,6 +515,10 @@ class Store:
         if room <= 0 or not job_ids:
             return []
         with self.engine.begin() as conn:
+            if self.dialect == "postgresql" and lock_key and not conn.execute(
+                text("SELECT pg_try_advisory_xact_lock(hashtext(:k))"), {"k": lock_key}
+            ).scalar():
+                return []  # another dispatcher is topping this queue up right now
             now = self.now(conn)
             base = chunks_t.c.job_id.in_(job_ids)
             wanted = [

@@ -74,3 +74,17 @@ def test_status_shows_counts_failures_and_expiring_leases(sqlite_url):
     assert payload["items"] == {"total": 4, "pending": 2, "done": 1, "failed": 1}
     assert payload["chunks"] == {"pending": 0, "queued": 0, "running": 1, "done": 1, "failed": 0}
     assert set(payload) == {"job", "model", "items", "errors", "chunks", "rate_per_s", "eta_s"}
+
+
+def test_an_unreachable_database_is_one_line_and_exit_1():
+    result = run_cli("status", env={"RECAP_DATABASE_URL": "postgresql://postgres:pw-77@127.0.0.1:9/x"})
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot reach the database" in lines[0], result.stderr
+    assert "pw-77" not in result.stderr
+
+
+def test_unknown_export_flags_are_refused(sqlite_url):
+    result = run_cli("export", "--job", "x", "--out", "/tmp/never.parquet", "--exclude-flags", "truncated,bogus",
+                     env={"RECAP_DATABASE_URL": sqlite_url})
+    assert result.returncode == 2 and "bogus" in result.stderr
