@@ -615,49 +615,26 @@ class Store:
         stmt = (
             update(items_t)
             .where(
-                items_t.c.job_id == bindparam("b_job_id"),
+                items_t.c.job_id == job_id,
                 items_t.c.key == bindparam("b_key"),
                 items_t.c.status != "done",
             )
             .values(
-                status=bindparam("b_status"),
-                caption=bindparam("b_caption"),
-                flags=bindparam("b_flags"),
-                error_class=bindparam("b_error_class"),
-                error=bindparam("b_error"),
-                sha256=bindparam("b_sha256"),
-                width=bindparam("b_width"),
-                height=bindparam("b_height"),
-                fetch_ms=bindparam("b_fetch_ms"),
-                infer_ms=bindparam("b_infer_ms"),
-                worker=bindparam("b_worker"),
+                **{name: bindparam(f"b_{name}") for name in _RESULT_FIELDS},
                 model_revision=bindparam("b_model_revision"),
                 attempts=items_t.c.attempts + 1,
                 updated_at=_now_sql(conn),
             )
         )
-        conn.execute(
-            stmt,
-            [
-                {
-                    "b_job_id": job_id,
-                    "b_key": r.key,
-                    "b_status": r.status,
-                    "b_caption": r.caption,
-                    "b_flags": r.flags,
-                    "b_error_class": r.error_class,
-                    "b_error": r.error,
-                    "b_sha256": r.sha256,
-                    "b_width": r.width,
-                    "b_height": r.height,
-                    "b_fetch_ms": r.fetch_ms,
-                    "b_infer_ms": r.infer_ms,
-                    "b_worker": r.worker,
-                    "b_model_revision": model_revision if r.status == "done" else None,
-                }
-                for r in results
-            ],
-        )
+        rows = [
+            {
+                "b_key": r.key,
+                "b_model_revision": model_revision if r.status == "done" else None,
+                **{f"b_{name}": getattr(r, name) for name in _RESULT_FIELDS},
+            }
+            for r in results
+        ]
+        conn.execute(stmt, rows)
 
     def _move_counters(self, conn: Connection, chunk, results: list[ItemResult], before) -> None:
         if not results:
@@ -863,6 +840,11 @@ class Store:
                     yield dict(zip(names, map(list, zip(*part))))
 
 
+# ItemResult fields written as they are into the items row of the same name.
+_RESULT_FIELDS = (
+    "status", "caption", "flags", "error_class", "error", "sha256", "width", "height",
+    "fetch_ms", "infer_ms", "worker",
+)
 _PARTITION_DDL = (
     "CREATE TABLE IF NOT EXISTS items_p{id} PARTITION OF items FOR VALUES IN ({id}) "
     "WITH (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.02, "
