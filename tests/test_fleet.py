@@ -385,3 +385,52 @@ def test_worker_serves_prometheus_metrics_during_a_run(fleet, control_app, pg_ur
         assert name in body, name
     assert 'recap_items_total{error_class="",status="done"} 40.0' in body
     assert 'recap_items_total{error_class="http_4xx",status="failed"} 1.0' in body
+
+
+def test_redis_restarted_empty_mid_run_workers_reconnect_and_finish(fleet, pg_url, image_server, tmp_path, tiny_model_dir):
+    """A Redis of our own (restarting the shared one would cut other tests): stopped mid-run
+    and started again empty; the workers reconnect and the fleet refeeds itself."""
+    import shutil
+    import socket
+
+    from recap.settings import Settings
+    from workers.celery_app import make_app
+
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not installed here")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def start_redis():
+        return subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    redis_proc = start_redis()
+    broker = f"redis://127.0.0.1:{port}/0"
+    fleet.env["RECAP_BROKER_URL"] = broker
+    app = make_app(Settings(broker_url=broker, model=str(tiny_model_dir)))
+    try:
+        wait_until(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).returncode == 0,
+                   10, what="our redis")
+        urls = [image_server.url(f"/slow?delay=0.05&seed={i}") for i in range(120)]
+        path = write_urls(tmp_path, urls)
+        fleet.start_worker()
+        fleet.wait_ready(app, 1)
+        assert recap(fleet, "submit", str(path), "--job", "redis-restart").returncode == 0
+        wait_until(lambda: sum(r["status"] == "done" for r in items(pg_url).values()) >= 10, 120,
+                   what="progress before the restart")
+        redis_proc.kill()
+        redis_proc.wait()
+        time.sleep(3)
+        redis_proc = start_redis()
+        wait_until(lambda: finished(pg_url), 180, what="the run to finish after Redis came back empty")
+        rows = items(pg_url)
+        assert len(rows) == 120 and all(r["status"] == "done" and r["attempts"] == 1 for r in rows.values())
+    finally:
+        fleet.stop_all()
+        app.close()
+        redis_proc.kill()
+        redis_proc.wait()
