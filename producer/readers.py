@@ -37,6 +37,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
 import fsspec
@@ -499,7 +500,7 @@ def read_image(src: Source, options: ColumnOptions, stats: ReadStats, batch_rows
         else:
             meta = _sidecar_json(data, stats)
     key = posixpath.relpath(src.path, src.root) if src.root else posixpath.basename(src.path)
-    url = "file://" + src.path if src.is_local else src.location
+    url = Path(src.path).as_uri() if src.is_local else src.location  # quoted: '#', '?', '%' 
     stats.rows_read += 1
     yield [_image_item(key, url, txt, meta, options, key_field=None)]
 

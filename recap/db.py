@@ -63,9 +63,9 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 def _sqlite_begin(conn) -> None:
-    """Writers take the write lock up front (counters are read, then written); a long
-    read (an export) begins deferred so it never blocks the run (WAL)."""
-    mode = "DEFERRED" if conn.get_execution_options().get("recap_read_only") else "IMMEDIATE"
+    """The store's write transactions take the write lock up front (counters are read,
+    then written); reads begin deferred and never wait for the run's writes (WAL)."""
+    mode = "IMMEDIATE" if conn.get_execution_options().get("recap_write") else "DEFERRED"
     conn.exec_driver_sql(f"BEGIN {mode}")
 
 

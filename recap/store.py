@@ -70,6 +70,9 @@ class Store:
         self.url = normalise_url(url)
         self.retry_s = retry_s  # workers wait out a database outage; the CLI fails fast
         self.engine = get_engine(self.url)
+        # Write transactions; on SQLite they take the write lock up front (BEGIN IMMEDIATE),
+        # reads through `self.engine` begin deferred and never wait for the run's writes.
+        self.writer = self.engine.execution_options(recap_write=True)
         self.dialect = self.engine.dialect.name
 
     # -- helpers ---------------------------------------------------------------------
@@ -101,7 +104,7 @@ class Store:
         model_revision: str | None = None,
     ) -> JobInfo:
         """Create the job, or return it when it exists with the same model and prompt."""
-        with self.engine.begin() as conn:
+        with self.writer.begin() as conn:
             conn.execute(
                 self._insert(jobs_t)
                 .values(
@@ -161,7 +164,7 @@ class Store:
     def set_model_revision(self, job_id: int, revision: str | None) -> None:
         if not revision:
             return
-        with self.engine.begin() as conn:
+        with self.writer.begin() as conn:
             conn.execute(
                 update(jobs_t)
                 .where(jobs_t.c.id == job_id, jobs_t.c.model_revision.is_(None))
@@ -171,7 +174,7 @@ class Store:
     def drop_job(self, job: JobInfo) -> None:
         """Delete a job with its chunks and items; on PostgreSQL its partition is dropped
         whole (no row-by-row delete, no bloat left behind)."""
-        with self.engine.begin() as conn:
+        with self.writer.begin() as conn:
             if self.dialect == "postgresql":
                 conn.execute(text(f"DROP TABLE IF EXISTS items_p{int(job.id)}"))
             conn.execute(items_t.delete().where(items_t.c.job_id == job.id))
@@ -224,7 +227,7 @@ class Store:
         self, job: JobInfo, batch: list[InputItem], cursor: "_ChunkCursor", stats: RegisterStats
     ) -> None:
         unique = list({item.key: item for item in reversed(batch)}.values())[::-1]
-        with self.engine.begin() as conn:
+        with self.writer.begin() as conn:
             if self.dialect == "postgresql":
                 inserted = Counter(self._copy_new_items(conn, job, unique, cursor))
             else:
@@ -313,10 +316,13 @@ class Store:
         # A chunk finished between two batches of the same registration (or by an earlier
         # run) is reopened when items join it, or they would never be picked up.
         finished = (chunks_t.c.state == "done") | (chunks_t.c.state == "failed")
-        reopened = case((finished, "pending"), else_=chunks_t.c.state)
         stmt = stmt.on_conflict_do_update(
             index_elements=["job_id", "chunk_no"],
-            set_={"item_count": chunks_t.c.item_count + stmt.excluded.item_count, "state": reopened},
+            set_={
+                "item_count": chunks_t.c.item_count + stmt.excluded.item_count,
+                "state": case((finished, "pending"), else_=chunks_t.c.state),
+                "attempts": case((finished, 0), else_=chunks_t.c.attempts),
+            },
         )
         conn.execute(
             stmt,
@@ -351,7 +357,7 @@ class Store:
         `force` (single-machine `recap run`, which owns its database) ignores other
         owners' leases and the attempts limit.
         """
-        with self.engine.begin() as conn:
+        with self.writer.begin() as conn:
             chunk = self._lock_chunk(conn, job_id, chunk_no)
             if chunk is None:
                 return Claim(False, "missing")
@@ -385,10 +391,10 @@ class Store:
         lease_live = (chunk["lease_expires_at"] or 0) > now
         held_by_other = chunk["state"] == "running" and lease_live and chunk["lease_owner"] != owner
         if force:
-            # `recap run` takes over what an earlier, killed `recap run` left running, but
-            # never a live fleet worker's lease (a fleet job run by hand on PostgreSQL).
-            local = (chunk["lease_owner"] or "").startswith("recap-local-")
-            return "leased" if held_by_other and not local else ""
+            # `recap run` takes over what an earlier, killed `recap run` on this host left
+            # running, but never a live lease of another process (a fleet worker, or a
+            # second `recap run` of the same job).
+            return "leased" if held_by_other and not _dead_local_owner(chunk["lease_owner"]) else ""
         if chunk["state"] == "failed":
             return "failed"
         if held_by_other:
@@ -419,7 +425,7 @@ class Store:
     @retrying
     def renew_lease(self, job_id: int, chunk_no: int, owner: str, lease_s: float) -> bool:
         """Extend our lease; False when the chunk is no longer ours."""
-        with self.engine.begin() as conn:
+        with self.writer.begin() as conn:
             now = self.now(conn)
             result = conn.execute(
                 update(chunks_t)
@@ -436,7 +442,7 @@ class Store:
     @retrying
     def finish_chunk(self, job_id: int, chunk_no: int, owner: str) -> str:
         """Release our lease: `done` when every item is, else back to `pending`."""
-        with self.engine.begin() as conn:
+        with self.writer.begin() as conn:
             chunk = self._lock_chunk(conn, job_id, chunk_no)
             if chunk is None:
                 return "missing"
@@ -455,7 +461,7 @@ class Store:
         count_attempt: bool = True,
     ) -> None:
         """Give a chunk back (a crash in the task, or a graceful stop) so it is picked up again."""
-        with self.engine.begin() as conn:
+        with self.writer.begin() as conn:
             chunk = self._lock_chunk(conn, job_id, chunk_no)
             if chunk is None or chunk["lease_owner"] != owner or chunk["state"] != "running":
                 return
@@ -514,7 +520,7 @@ class Store:
         """
         if room <= 0 or not job_ids:
             return []
-        with self.engine.begin() as conn:
+        with self.writer.begin() as conn:
             if self.dialect == "postgresql" and lock_key and not conn.execute(
                 text("SELECT pg_try_advisory_xact_lock(hashtext(:k))"), {"k": lock_key}
             ).scalar():
@@ -584,7 +590,7 @@ class Store:
         if not results:
             return 0
         results = list({r.key: r for r in results}.values())  # a key once, or counters drift
-        with self.engine.begin() as conn:
+        with self.writer.begin() as conn:
             chunk = self._lock_chunk(conn, job_id, chunk_no)
             if chunk is None:
                 return 0
@@ -676,7 +682,7 @@ class Store:
         ]
         total = 0
         for chunk_no in chunk_nos:
-            with self.engine.begin() as conn:
+            with self.writer.begin() as conn:
                 total += self._retry_chunk(conn, job.id, chunk_no, error_classes)
         return total, chunk_nos
 
@@ -829,8 +835,6 @@ class Store:
         with self.engine.connect() as conn:
             if self.dialect == "postgresql":
                 conn = conn.execution_options(isolation_level="REPEATABLE READ")
-            else:
-                conn = conn.execution_options(recap_read_only=True)
             with conn.begin():
                 result = conn.execution_options(stream_results=True, yield_per=batch_rows).execute(
                     query
@@ -869,6 +873,24 @@ FROM new
 ON CONFLICT DO NOTHING
 RETURNING chunk_no
 """
+
+
+def _dead_local_owner(owner: str | None) -> bool:
+    """True for `recap-local-<pid>@<this host>` whose process is gone."""
+    import os
+    import re
+    import socket
+
+    match = re.fullmatch(r"recap-local-(\d+)@(.+)", owner or "")
+    if not match or match.group(2) != socket.gethostname():
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _now_sql(conn: Connection):

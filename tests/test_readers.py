@@ -500,3 +500,16 @@ def test_mixed_folder_each_file_to_its_reader(tmp_path):
     ]
     assert stats.files == 4 and stats.files_skipped == {".md": 1, ".json": 1}
     assert stats.summary() == ("4 items from 4 files (4 rows); skipped files: .json 1, .md 1")
+
+
+def test_image_folder_names_with_url_characters_are_read_back(tmp_path):
+    """'#', '?' and '%' in file names survive the trip through a file:// reference."""
+    from PIL import Image
+
+    from workers.sources import read_local
+
+    for name in ("cat #1.jpg", "what?.jpg", "100%25.jpg"):
+        Image.new("RGB", (40, 40)).save(tmp_path / name)
+    items = [item for batch in read_items([str(tmp_path)]) for item in batch]
+    assert sorted(i.key for i in items) == ["100%25.jpg", "cat #1.jpg", "what?.jpg"]
+    assert all(i.local and isinstance(read_local(i.url, 10**7), bytes) for i in items)

@@ -61,10 +61,13 @@ class _Feed:
                 while not self._put(result):
                     if self.closed.is_set():
                         return
+                if self.closed.is_set():
+                    return
         except BaseException as exc:  # handed to the consumer, which re-raises it
             self.error = exc
         finally:
-            self._put(_END)
+            while not self._put(_END) and not self.closed.is_set():
+                pass  # the end (or the error) must reach the consumer
             if self.closed.is_set():
                 self.results.close()  # cancels the loader's work in flight
 
@@ -82,7 +85,7 @@ class _Feed:
         except queue.Empty:
             return None
         if item is _END and self.error is not None:
-            raise self.error
+            raise RuntimeError(f"loading images failed: {self.error!r}") from self.error
         return item
 
     def close(self) -> None:
@@ -110,6 +113,7 @@ class CaptionPipeline:
         self.busy = metrics.BusyMeter()
         self.engine_lock = threading.Lock()  # the finishers share the engine
         self.finishers: list[threading.Thread] = []
+        self.finishing: set[tuple[int, int]] = set()
         self.stopping = threading.Event()
 
     def close(self) -> None:
@@ -170,8 +174,10 @@ class CaptionPipeline:
             loaded = feed.get(timeout=self.settings.straggler_grace_s if tail else None)
             if loaded is None:  # only stragglers left, and the engine would wait for them
                 self._flush(job, chunk_no, batch, outcome, on_written)
-                outcome.left_to_finisher = remaining
+                if should_stop and should_stop():
+                    return  # stopping, or the chunk is no longer ours: nothing to hand off
                 self._hand_off(job, chunk_no, feed, remaining, on_written)
+                outcome.left_to_finisher = remaining
                 return
             if loaded is _END:
                 break
@@ -196,7 +202,16 @@ class CaptionPipeline:
             daemon=True, name=f"recap-finisher-{chunk_no}",
         )
         self.finishers = [t for t in self.finishers if t.is_alive()] + [thread]
-        thread.start()
+        self.finishing.add((job.id, chunk_no))
+        try:
+            thread.start()
+        except BaseException:
+            self.finishing.discard((job.id, chunk_no))
+            raise
+
+    def is_finishing(self, job_id: int, chunk_no: int) -> bool:
+        """A finisher of this process still holds the chunk: a second delivery must wait."""
+        return (job_id, chunk_no) in self.finishing
 
     def _finish_stragglers(self, job, chunk_no, feed: _Feed, remaining: int, on_written) -> None:
         """Caption each straggler as it arrives, keep the chunk's lease meanwhile, then
@@ -208,7 +223,9 @@ class CaptionPipeline:
         try:
             while remaining and not self.stopping.is_set():
                 if time.monotonic() - renewed > lease_s / 3:
-                    self.store.renew_lease(job.id, chunk_no, self.worker, lease_s)
+                    if not self.store.renew_lease(job.id, chunk_no, self.worker, lease_s):
+                        log.warning("chunk %s/%s was taken over: its finisher stops", job.id, chunk_no)
+                        return
                     renewed = time.monotonic()
                 loaded = feed.get(timeout=min(lease_s / 3, 1.0))
                 if loaded is None:
@@ -223,10 +240,15 @@ class CaptionPipeline:
                 self.store.release_chunk(job.id, chunk_no, self.worker, count_attempt=False)
             else:
                 self.store.finish_chunk(job.id, chunk_no, self.worker)
-        except Exception:  # the lease runs out and the chunk is taken again
+        except Exception as exc:  # give the chunk back: another worker takes what is left
             log.exception("finishing the stragglers of chunk %s/%s failed", job.id, chunk_no)
+            try:
+                self.store.release_chunk(job.id, chunk_no, self.worker, error=f"{type(exc).__name__}: {exc}")
+            except Exception:  # the lease runs out instead
+                log.exception("could not give chunk %s/%s back", job.id, chunk_no)
         finally:
             feed.close()
+            self.finishing.discard((job.id, chunk_no))
 
     def _caption(self, job: JobInfo, ready: list[Prepared]) -> list[ItemResult]:
         if not ready:

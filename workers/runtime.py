@@ -61,6 +61,8 @@ class WorkerRuntime:
         pipeline = self.pipeline()
         s = self.settings
         job = self.store.job_by_id(ref.job_id)  # before the claim: a failure here costs nothing
+        if pipeline.is_finishing(ref.job_id, ref.chunk_no):
+            return "skipped: its stragglers are being finished here"
         claim = self.store.claim_chunk(ref.job_id, ref.chunk_no, self.name, s.lease_s, s.chunk_max_attempts)
         if not claim.claimed:
             metrics.CHUNKS.labels(f"skipped_{claim.reason}").inc()
@@ -77,9 +79,13 @@ class WorkerRuntime:
             # The device is broken: give the chunk back and end this process; Celery starts
             # a fresh child, which initialises CUDA anew. The attempt counts, so an item that
             # breaks every device it meets stops after RECAP_CHUNK_MAX_ATTEMPTS.
-            self.store.release_chunk(ref.job_id, ref.chunk_no, self.name, error=str(exc))
             log.critical("engine failure, restarting the worker process: %s", exc)
-            os._exit(70)
+            try:
+                self.stopping.set()  # finishers give their chunks back
+                self.store.release_chunk(ref.job_id, ref.chunk_no, self.name, error=str(exc))
+                pipeline.drain(timeout=5)
+            finally:
+                os._exit(70)
         except Exception as exc:
             self.store.release_chunk(ref.job_id, ref.chunk_no, self.name, error=f"{type(exc).__name__}: {exc}")
             raise

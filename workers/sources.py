@@ -36,7 +36,7 @@ def read_local(url: str, max_bytes: int) -> bytes | Failure:
             if not member or not target:
                 return _error(f"expected tar://MEMBER::SHARD, got {url!r}")
             return _SHARDS.get(target).read(_member_name(member), max_bytes)
-        return _error(f"not a local image reference: {url!r}")
+        return _read_fsspec(url, max_bytes)  # an image folder given as an fsspec URL
     except _SourceError as exc:
         return exc.failure
     except (OSError, tarfile.TarError, ValueError, EOFError) as exc:
@@ -61,6 +61,16 @@ def _too_large(size: int, max_bytes: int, what: str) -> Failure:
 
 def _reason(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def _read_fsspec(url: str, max_bytes: int) -> bytes | Failure:
+    import fsspec
+
+    with fsspec.open(url, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        return _too_large(len(data), max_bytes, url)
+    return data
 
 
 def _file_path(url: str) -> str:
