@@ -101,6 +101,24 @@ def chunk_rows(pg_url):
     return {r["chunk_no"]: dict(r) for r in rows}
 
 
+def done_count(db_url) -> int:
+    return sum(r["status"] == "done" for r in items(db_url).values())
+
+
+def submit_and_wait_for_progress(fleet, app, db_url, tmp_path, urls, job, at_least=10) -> None:
+    """One worker, a submitted job, and some items done: the moment to break something."""
+    path = write_urls(tmp_path, urls)
+    fleet.start_worker()
+    fleet.wait_ready(app, 1)
+    submitted = recap(fleet, "submit", str(path), "--job", job)
+    assert submitted.returncode == 0, submitted.stderr
+    wait_until(lambda: done_count(db_url) >= at_least, 120, what=f"progress in job {job}")
+
+
+def slow_urls(server, n):
+    return [server.url(f"/slow?delay=0.05&seed={i}") for i in range(n)]
+
+
 def finished(pg_url):
     rows = items(pg_url)
     return rows and all(r["status"] in ("done", "failed") for r in rows.values())
@@ -141,15 +159,8 @@ def test_two_workers_caption_every_item_exactly_once(fleet, control_app, pg_url,
 
 
 def test_killed_worker_its_chunk_finishes_elsewhere(fleet, control_app, pg_url, image_server, tmp_path):
-    urls = [image_server.url(f"/slow?delay=0.05&seed={i}") for i in range(120)]
-    path = write_urls(tmp_path, urls)
-    first = fleet.start_worker()
-    fleet.wait_ready(control_app, 1)
-    assert recap(fleet, "submit", str(path), "--job", "kill").returncode == 0
-
-    wait_until(lambda: sum(r["status"] == "done" for r in items(pg_url).values()) >= 20, 120,
-               what="some items done before the kill")
-    fleet.kill(first)
+    submit_and_wait_for_progress(fleet, control_app, pg_url, tmp_path, slow_urls(image_server, 120), "kill", 20)
+    fleet.kill(fleet.procs[0])
     before = {k: r["caption"] for k, r in items(pg_url).items() if r["status"] == "done"}
     assert 0 < len(before) < 120
 
@@ -163,13 +174,7 @@ def test_killed_worker_its_chunk_finishes_elsewhere(fleet, control_app, pg_url, 
 def test_redis_emptied_mid_run_the_fleet_refeeds_itself(fleet, control_app, pg_url, redis_url, image_server, tmp_path):
     import redis
 
-    urls = [image_server.url(f"/slow?delay=0.05&seed={i}") for i in range(160)]
-    path = write_urls(tmp_path, urls)
-    fleet.start_worker()
-    fleet.wait_ready(control_app, 1)
-    assert recap(fleet, "submit", str(path), "--job", "flush").returncode == 0
-    wait_until(lambda: sum(r["status"] == "done" for r in items(pg_url).values()) >= 10, 120,
-               what="progress before the flush")
+    submit_and_wait_for_progress(fleet, control_app, pg_url, tmp_path, slow_urls(image_server, 160), "flush")
     redis.Redis.from_url(redis_url).flushdb()
 
     wait_until(lambda: finished(pg_url), 180, what="the run to finish after FLUSHDB")
@@ -271,13 +276,7 @@ def test_postgres_restarted_mid_run_workers_wait_and_finish(fleet, control_app, 
     try:
         upgrade(cluster.url)
         fleet.env["RECAP_DATABASE_URL"] = cluster.url
-        urls = [image_server.url(f"/slow?delay=0.05&seed={i}") for i in range(120)]
-        path = write_urls(tmp_path, urls)
-        fleet.start_worker()
-        fleet.wait_ready(control_app, 1)
-        assert recap(fleet, "submit", str(path), "--job", "pgdown").returncode == 0
-        wait_until(lambda: sum(r["status"] == "done" for r in items(cluster.url).values()) >= 10, 120,
-                   what="progress before the restart")
+        submit_and_wait_for_progress(fleet, control_app, cluster.url, tmp_path, slow_urls(image_server, 120), "pgdown")
         cluster.stop()
         time.sleep(4)  # workers keep fetching and captioning, and wait to write
         cluster.start()
@@ -415,13 +414,7 @@ def test_redis_restarted_empty_mid_run_workers_reconnect_and_finish(fleet, pg_ur
     try:
         wait_until(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).returncode == 0,
                    10, what="our redis")
-        urls = [image_server.url(f"/slow?delay=0.05&seed={i}") for i in range(120)]
-        path = write_urls(tmp_path, urls)
-        fleet.start_worker()
-        fleet.wait_ready(app, 1)
-        assert recap(fleet, "submit", str(path), "--job", "redis-restart").returncode == 0
-        wait_until(lambda: sum(r["status"] == "done" for r in items(pg_url).values()) >= 10, 120,
-                   what="progress before the restart")
+        submit_and_wait_for_progress(fleet, app, pg_url, tmp_path, slow_urls(image_server, 120), "redis-restart")
         redis_proc.kill()
         redis_proc.wait()
         time.sleep(3)
