@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sqlalchemy import bindparam, case, func, select, text, update
 from sqlalchemy.engine import Connection
@@ -45,7 +45,6 @@ class RegisterStats:
     read: int = 0
     new: int = 0
     duplicates: int = 0
-    chunks: set[int] = field(default_factory=set)
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +234,6 @@ class Store:
             self._add_to_chunks(conn, job.id, inserted)
         stats.new += sum(inserted.values())
         stats.duplicates += len(batch) - sum(inserted.values())
-        stats.chunks.update(inserted)
 
     def _copy_new_items(
         self, conn: Connection, job: JobInfo, unique: list[InputItem], cursor: "_ChunkCursor"

@@ -19,13 +19,6 @@ from urllib.parse import unquote, urlsplit
 from recap.errors import ErrorClass, Failure
 
 SHARD_CACHE_SIZE = 8
-LOCAL_SCHEMES = ("file://", "tar://")
-
-
-def is_local(url: str) -> bool:
-    return url.startswith(LOCAL_SCHEMES)
-
-
 def read_local(url: str, max_bytes: int) -> bytes | Failure:
     """The bytes of a local image reference; `source_error` or `too_large` as a value."""
     try:
