@@ -93,21 +93,9 @@ def run_variant(name: str, urls: list[str], args, overlap: bool) -> dict:
         def load(self, items, **kwargs):
             return iter(list(super().load(items, **kwargs)))
 
-    if not overlap:
-        import workers.pipeline as pipeline_module
-
-        original = pipeline_module.CaptionPipeline.__init__
-
-        def init(self, settings, engine, store, worker, loader=None):
-            original(self, settings, engine, store, worker, loader=FetchThenCaption(settings, engine.image_spec))
-
-        pipeline_module.CaptionPipeline.__init__ = init
+    loader = None if overlap else FetchThenCaption(settings, engine.image_spec)
     started = time.monotonic()
-    try:
-        run_job_locally(settings, store, job, engine)
-    finally:
-        if not overlap:
-            pipeline_module.CaptionPipeline.__init__ = original
+    run_job_locally(settings, store, job, engine, loader=loader)
     wall = time.monotonic() - started
     status = store.job_status(job)
     done = status["items"]["done"]

@@ -24,12 +24,14 @@ def run_job_locally(
     job: JobInfo,
     engine,
     on_written: Callable[[list[ItemResult]], None] | None = None,
+    loader=None,
 ) -> list[ChunkOutcome]:
     """Caption every unfinished chunk. This process owns the database, so it takes over
-    chunks left `running` by a killed earlier run (`force`)."""
+    chunks left `running` by a killed earlier run (`force`). `loader` replaces the image
+    loader (the pipeline benchmark's fetch-then-caption baseline)."""
     worker = local_worker_name()
     store.set_model_revision(job.id, engine.revision)
-    pipeline = CaptionPipeline(settings, engine, store, worker)
+    pipeline = CaptionPipeline(settings, engine, store, worker, loader=loader)
     outcomes = []
     try:
         for chunk_no in store.chunk_states(job.id, UNFINISHED):

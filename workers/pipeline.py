@@ -100,7 +100,10 @@ class _Feed:
 
 
 class CaptionPipeline:
-    def __init__(self, settings: Settings, engine, store: Store, worker: str, loader=None):
+    def __init__(
+        self, settings: Settings, engine, store: Store, worker: str, loader=None,
+        stopping: threading.Event | None = None,
+    ):
         from workers.loader import ImageLoader
 
         self.settings = settings
@@ -114,7 +117,7 @@ class CaptionPipeline:
         self.engine_lock = threading.Lock()  # the finishers share the engine
         self.finishers: list[threading.Thread] = []
         self.finishing: set[tuple[int, int]] = set()
-        self.stopping = threading.Event()
+        self.stopping = stopping or threading.Event()  # set: finishers give their chunks back
 
     def close(self) -> None:
         self.stopping.set()

@@ -47,8 +47,9 @@ class WorkerRuntime:
                 from workers.pipeline import CaptionPipeline
 
                 engine = load_engine(self.settings)
-                self._pipeline = CaptionPipeline(self.settings, engine, self.store, self.name)
-                self._pipeline.stopping = self.stopping  # a stop also stops the finishers
+                self._pipeline = CaptionPipeline(
+                    self.settings, engine, self.store, self.name, stopping=self.stopping
+                )
             return self._pipeline
 
     def handle_chunk(self, ref: ChunkRef) -> str:
