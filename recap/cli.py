@@ -167,24 +167,40 @@ def run(
     """Caption a whole job on this machine: SQLite, no broker, export at the end. Run the
     same command again to resume."""
     from producer.export import export_job
-    from producer.jobs import TINY_ALIASES, derive_job_name, open_job
-
-    from producer.readers import expand_inputs
+    from producer.jobs import derive_job_name
 
     settings = _settings()
     model = model or settings.model
-    expand_inputs(inputs)  # a missing input is said before any job is created
+    _check_inputs(inputs)
     store = _local_store(create=True)
     name = job or derive_job_name(inputs, settings, model)
-    job_info = open_job(store, settings, name, model)
-    if model in TINY_ALIASES:
-        err.print(f"[yellow]note:[/yellow] {TINY_WARNING}")
-    _register_with_spinner(store, job_info, inputs, _columns(url_col, caption_col, id_col, sha256_col), limit)
+    job_info = _open_and_register(
+        store, settings, name, model, inputs, _columns(url_col, caption_col, id_col, sha256_col), limit
+    )
     _caption_with_progress(settings, store, job_info, model)
     fmt = fmt or ("jsonl" if out_path.endswith(".jsonl") else "parquet")
     stats = export_job(store, job_info, out_path, fmt=fmt, status=export_status)
     _print_summary(store.job_status(job_info))
     out.print(f"exported {stats.rows} rows to {out_path} (job {name})")
+
+
+def _check_inputs(inputs: list[str]) -> None:
+    """A missing input is said before any job is created."""
+    from producer.readers import expand_inputs
+
+    expand_inputs(inputs)
+
+
+def _open_and_register(store, settings, name, model, inputs, columns, limit):
+    """`run` and `submit` alike: the job (which owns its model, prompt and generation
+    settings), then its items."""
+    from producer.jobs import TINY_ALIASES, open_job
+
+    job = open_job(store, settings, name, model)
+    if model in TINY_ALIASES:
+        err.print(f"[yellow]note:[/yellow] {TINY_WARNING}")
+    _register_with_spinner(store, job, inputs, columns, limit)
+    return job
 
 
 def _register_with_spinner(store, job, inputs, columns, limit) -> None:
@@ -357,18 +373,13 @@ def submit(
 ) -> None:
     """Register a fleet job and its items in PostgreSQL, enqueue chunks up to the queue cap, exit."""
     from producer.dispatch import Dispatcher
-    from producer.jobs import TINY_ALIASES, open_job
-
-    from producer.readers import expand_inputs
-
     settings = _settings()
     store = _fleet_store("submit")
-    expand_inputs(inputs)  # a missing input is said before any job is created
-    model = model or settings.model
-    job_info = open_job(store, settings, job, model)
-    if model in TINY_ALIASES:
-        err.print(f"[yellow]note:[/yellow] {TINY_WARNING}")
-    _register_with_spinner(store, job_info, inputs, _columns(url_col, caption_col, id_col, sha256_col), limit)
+    _check_inputs(inputs)
+    job_info = _open_and_register(
+        store, settings, job, model or settings.model, inputs,
+        _columns(url_col, caption_col, id_col, sha256_col), limit,
+    )
     reports = _dispatch(Dispatcher(store, settings), [job_info])
     total = store.job_status(job_info)["items"]
     out.print(
