@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     batch_size: int | None = Field(None, ge=1)  # None: the model's default
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    compile: bool = False  # static KV cache + torch.compile of the decoding step (CUDA)
 
     # Work units and the fleet
     chunk_size: int = Field(256, ge=1)

@@ -334,3 +334,29 @@ def test_a_jobs_recorded_generation_settings_win_over_the_workers(engines, setti
     assert [c.n_tokens for c in short] == [3, 3]
     assert all(c.n_tokens == settings.max_new_tokens for c in default)
     assert engine.image_spec_for("crop").mode == "crop"
+
+
+# -- RECAP_COMPILE: static KV cache + torch.compile ------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llava", "llava-next", "mllama"])
+def test_static_cache_gives_the_same_captions(model_dirs, settings, engines, family):
+    """RECAP_COMPILE's static cache and rounded-up prompt padding change no token.
+    (On CPU transformers uses the static cache but does not compile.)"""
+    static = TransformersEngine(model_dirs[family], settings.model_copy(update={"compile": True}))
+    assert static.generation_config.cache_implementation == "static"
+    assert static.provenance["compiled"] is True and engines[family].provenance["compiled"] is False
+    imgs, ps = images(6), prompts(6)
+    assert texts(static.caption(imgs, ps)) == texts(engines[family].caption(imgs, ps))
+
+
+def test_compiled_decoding_gives_the_same_captions(model_dirs, settings, engines):
+    """The compiled decoding step (forced on CPU here; about a minute to compile) against eager."""
+    engine = TransformersEngine(model_dirs["llava"], settings.model_copy(update={"compile": True, "max_new_tokens": 4}))
+    engine.generation_config.compile_config._compile_all_devices = True  # CUDA-only otherwise
+    imgs, ps = images(3), prompts(3)
+    compiled = engine.caption(imgs, ps)
+    assert getattr(engine.model, "_compiled_call", None) is not None, "generate did not compile"
+    eager = engines["llava"].caption(imgs, ps, {"max_new_tokens": 4})
+    assert texts(compiled) == texts(eager)
+    assert [c.n_tokens for c in compiled] == [4, 4, 4]

@@ -49,6 +49,7 @@ PAD_CANDIDATES = ("<pad>", "<|finetune_right_pad_id|>", "<|reserved_special_toke
 # Messages of errors that mean the GPU (not the item) is broken: no item is to blame.
 _FATAL_MARKERS = ("CUDA error", "device-side assert", "CUBLAS_STATUS_EXECUTION_FAILED", "illegal memory access")
 _OOM_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+COMPILE_PAD_MULTIPLE = 64  # RECAP_COMPILE: prompts padded to a multiple of this many tokens
 
 FaultInjector = Callable[..., None]
 """Test hook called before each forward with the batch size (and, if it takes two
@@ -167,6 +168,8 @@ class TransformersEngine:
         self._end_ids_cpu = torch.tensor(self._end_ids, dtype=torch.long)
         self._strip_specials = _special_token_pattern(processor)
         self.generation_config = _generation_config(model, settings, self._end_ids, self.tokenizer.pad_token_id)
+        # Compiled: prompt lengths rounded up, so a few shapes (compilations) cover them all.
+        self._padding = {"padding": True, **({"pad_to_multiple_of": COMPILE_PAD_MULTIPLE} if settings.compile else {})}
         self._configs = {None: self.generation_config}
         self.image_spec = _image_spec(processor, self.family, settings.image_mode)
         self.default_batch_size = settings.batch_size or _default_batch_size(self.family, self.device, self.is_tiny)
@@ -182,11 +185,14 @@ class TransformersEngine:
             "torch_version": torch.__version__.split("+")[0],
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "is_tiny": self.is_tiny,
+            "compiled": settings.compile,
         }
         if self.device.type == "cuda":
             self.provenance["gpu"] = torch.cuda.get_device_name(self.device)
         if self.is_tiny:
             log.warning(TINY_WARNING.format(model=model_id))
+        if settings.compile and self.device.type != "cuda":
+            log.info("RECAP_COMPILE on %s: static KV cache only; transformers compiles on GPUs", self.device)
 
     # -- the hot path ---------------------------------------------------------------
 
@@ -284,7 +290,7 @@ class TransformersEngine:
             tokenize=True,
             return_dict=True,
             return_tensors="pt",
-            processor_kwargs={"padding": True},
+            processor_kwargs=self._padding,
         )
         return self._to_device(batch)
 
@@ -505,6 +511,13 @@ def _generation_config(model, settings: Settings, end_ids: list[int], pad_id: in
         num_beams=1,
     )
     config.max_length = None  # max_new_tokens rules
+    if settings.compile:
+        from transformers import CompileConfig
+
+        # A fixed-size KV cache makes the decoding step's shapes static, so transformers
+        # compiles it (CUDA graphs: "reduce-overhead") instead of running it op by op.
+        config.cache_implementation = "static"
+        config.compile_config = CompileConfig()
     return config
 
 
