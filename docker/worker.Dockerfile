@@ -13,9 +13,33 @@
 # 580 or newer. For an older driver (525 or newer) build the CUDA 12.6 variant:
 #   --build-arg CUDA_IMAGE=nvidia/cuda:12.6.3-base-ubuntu24.04 \
 #   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+#
+# Pillow-SIMD (AVX2) replaces Pillow: it resizes every image about 5x faster on the CPU
+# (README, performance). It needs a CPU with AVX2, as every x86-64 server CPU since 2015
+# has; --build-arg PILLOW_SIMD=0 keeps plain Pillow.
 
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
+ARG PILLOW_SIMD=1
+
+# -- Pillow-SIMD, built in a stage of its own: the compiler and headers stay out of the image.
+FROM ${CUDA_IMAGE} AS pillow-simd
+ARG PILLOW_SIMD
+ARG PILLOW_SIMD_VERSION=12.1.1.post0
+# hadolint ignore=DL3008
+RUN mkdir /wheels \
+ && if [ "${PILLOW_SIMD}" = 1 ]; then \
+      apt-get update \
+      && apt-get install -y --no-install-recommends ca-certificates gcc pkg-config python3.12-dev python3.12-venv \
+           libjpeg-turbo8-dev zlib1g-dev libwebp-dev libtiff-dev \
+      && rm -rf /var/lib/apt/lists/* \
+      && python3.12 -m venv /opt/build \
+      && CC="gcc -mavx2" /opt/build/bin/pip wheel --no-cache-dir --no-deps --no-binary pillow-simd \
+           --wheel-dir /wheels "pillow-simd==${PILLOW_SIMD_VERSION}"; \
+    fi
+
+# -- the worker image
 FROM ${CUDA_IMAGE}
+ARG PILLOW_SIMD
 
 # torch within the project's range (torch>=2.3,<2.15), from PyTorch's CUDA index.
 ARG TORCH_VERSION=2.13.0
@@ -36,10 +60,12 @@ ENV DEBIAN_FRONTEND=noninteractive \
     RECAP_CACHE_DIR=/models/recap
 
 # Ubuntu 24.04's Python 3.12 (the project needs 3.11 or newer), in a virtual environment.
+# libjpeg-turbo, libwebp and libtiff: what the Pillow-SIMD wheel links to.
 # Versions come from the pinned base image's Ubuntu release.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates python3.12 python3.12-venv \
+      libjpeg-turbo8 libwebp7 libwebpmux3 libwebpdemux2 libtiff6 \
  && rm -rf /var/lib/apt/lists/* \
  && python3.12 -m venv /opt/venv
 
@@ -53,6 +79,15 @@ COPY . /tmp/recap-src
 RUN pip install --no-cache-dir "/tmp/recap-src[worker]" \
  && rm -rf /tmp/recap-src \
  && python -c "import torch, transformers, recap, workers; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+# The same `PIL` package, other distribution name: pip cannot see that it satisfies
+# recap's "pillow" requirement, hence --no-deps after removing Pillow.
+COPY --from=pillow-simd /wheels /tmp/wheels
+RUN if [ "${PILLOW_SIMD}" = 1 ]; then \
+      pip uninstall -y pillow && pip install --no-cache-dir --no-deps /tmp/wheels/*.whl; \
+    fi \
+ && rm -rf /tmp/wheels \
+ && python -c "from workers.prepare import pillow_build; print('images prepared with', pillow_build())"
 
 COPY docker/healthcheck.py /opt/recap/healthcheck.py
 

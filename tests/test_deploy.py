@@ -405,6 +405,10 @@ def test_worker_image():
     major, minor = (int(x) for x in base["TORCH_VERSION"].split(".")[:2])
     assert (2, 3) <= (major, minor) < (2, 15), "torch pin outside the project's torch>=2.3,<2.15"
     assert "[worker]" in runs and "torchvision" not in runs
+    # Pillow-SIMD by default: built with AVX2 in its own stage, Pillow removed first.
+    assert base["PILLOW_SIMD"] == "1" and 'CC="gcc -mavx2"' in runs
+    assert runs.index("pip uninstall -y pillow") < runs.index("pip install --no-cache-dir --no-deps /tmp/wheels/")
+    assert ("COPY", "--from=pillow-simd /wheels /tmp/wheels") in instructions(WORKER_DOCKERFILE)
     env = " ".join(args for kw, args in instructions(WORKER_DOCKERFILE) if kw == "ENV")
     assert "HF_HOME=/models" in env
     assert '"/models"' in last(WORKER_DOCKERFILE, "VOLUME")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+from importlib import metadata
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError, features
@@ -38,6 +39,21 @@ _TRANSPOSE = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+
+
+def pillow_build() -> str:
+    """Which Pillow is installed: "Pillow-SIMD 12.1.1.post0" or "Pillow 13.0.0".
+
+    Both install the same `PIL` package; Pillow-SIMD resizes several times faster
+    (scripts/install-pillow-simd.sh), which is most of the CPU an image costs after decoding.
+    """
+    import PIL
+
+    try:
+        simd = metadata.version("pillow-simd") == PIL.__version__
+    except metadata.PackageNotFoundError:
+        simd = False
+    return f"{'Pillow-SIMD' if simd else 'Pillow'} {PIL.__version__}"
 
 
 @dataclass(frozen=True)

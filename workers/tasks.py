@@ -32,8 +32,10 @@ def _warm_up(**_kwargs) -> None:
     """Per-process start: cheap set-up only (store, feeder); the model loads on first use."""
     runtime = get_runtime()
     from workers.metrics import serve
+    from workers.prepare import pillow_build
 
     serve(runtime.settings.metrics_port)
+    log.info("images are prepared with %s", pillow_build())
 
 
 def _stop_gracefully_on_sigterm(runtime) -> None:
