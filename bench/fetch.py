@@ -1,6 +1,7 @@
 """Benchmark of the load stage (fetch + prepare) against a naive downloader, on loopback.
 
     python bench/fetch.py [--n 3000] [--latency-ms 50] [--concurrency 64]
+                          [--img2dataset PYTHON]
 
 A server process serves a handful of photo-like JPEGs (100-300 KB, 500-1600 px) under
 `--n` distinct URLs, each response delayed by about `--latency-ms` (uniform 0.5x-1.5x).
@@ -10,21 +11,35 @@ its own (not the server's, not the other contender's):
 - recap: `ImageLoader` with `ImageSpec(336, "pad")` (fetch, checks, JPEG draft decode,
   pad to square, one bicubic resize);
 - naive: a `ThreadPoolExecutor` of `requests.get` + `Image.open().convert("RGB")
-  .resize((336, 336))`, the same concurrency.
+  .resize((336, 336))`, the same concurrency;
+- img2dataset (only with `--img2dataset PYTHON`, an interpreter that has it installed):
+  `img2dataset.download` run by that interpreter as a subprocess, 2 processes of
+  `--concurrency` threads each, center-crop to 336, written as files to a temp dir, no
+  retries, hashing, EXIF or wandb. Its images/s count from its first shard's start to its
+  last shard's end (so interpreter start, imports and worker spawn are left out); its CPU
+  is that of all its processes, with and without its start-up (measured by a second,
+  100-URL run). Make the interpreter outside the project's venv:
+
+      python3 -m venv /tmp/i2d && /tmp/i2d/bin/pip install img2dataset==1.47.0
 
 One loopback host stands in for many web hosts, so the per-host cap is set to the
 concurrency. Prints images/s, CPU ms per image and peak RSS of each, and the ratios.
+Machines vary, so compare ratios measured in one run rather than numbers across runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import io
+import json
 import multiprocessing as mp
 import os
 import random
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -164,17 +179,77 @@ def contend(ctx, name: str, urls: list[str], concurrency: int) -> dict:
     return result
 
 
+# ---------------------------------------------------------------------------- img2dataset
+
+I2D_PROCESSES = 2
+I2D_SHORT_RUN = 100  # URLs in the run that measures img2dataset's fixed start-up cost
+
+# Run by the img2dataset interpreter: argv[1] is download()'s keyword arguments as JSON.
+I2D_WRAPPER = "import json, sys; from img2dataset import download; download(**json.loads(sys.argv[1]))"
+
+
+def i2d_params(url_list: str, output: str, n: int, concurrency: int) -> dict:
+    """download() arguments: just fetch and center-crop to 336, one shard per process.
+    The output folder is new, so "incremental" skips nothing ("overwrite" would delete
+    the _tmp folder that download() has just made, and fail)."""
+    return {"url_list": url_list, "input_format": "txt", "output_folder": output,
+            "output_format": "files", "processes_count": I2D_PROCESSES,
+            "thread_count": concurrency, "image_size": 336, "resize_mode": "center_crop",
+            "number_sample_per_shard": -(-n // I2D_PROCESSES), "retries": 0, "timeout": 30,
+            "disable_all_reencoding": False, "incremental_mode": "incremental",
+            "compute_hash": None, "extract_exif": False, "enable_wandb": False}
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_img2dataset(python: str, urls: list[str], concurrency: int) -> dict:
+    """img2dataset in a subprocess; CPU is this process's RUSAGE_CHILDREN delta, which
+    counts the subprocess and every process of its that was waited for (its pool and
+    logger processes)."""
+    with tempfile.TemporaryDirectory(prefix="bench-i2d-") as tmp:
+        url_list, output = os.path.join(tmp, "urls.txt"), os.path.join(tmp, "out")
+        log = os.path.join(tmp, "log.txt")
+        with open(url_list, "w") as f:
+            f.write("\n".join(urls) + "\n")
+        params = i2d_params(url_list, output, len(urls), concurrency)
+        # No update check (albumentations), no wandb, and loopback never through a proxy.
+        env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled",
+               "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
+        cpu, wall = children_cpu(), time.perf_counter()
+        with open(log, "w") as out:
+            rc = subprocess.run([python, "-c", I2D_WRAPPER, json.dumps(params)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+        wall, cpu = time.perf_counter() - wall, children_cpu() - cpu
+        stats = []
+        for path in glob.glob(os.path.join(output, "*_stats.json")):
+            with open(path) as f:
+                stats.append(json.load(f))
+        if rc or not stats:
+            with open(log) as f:
+                raise RuntimeError(f"img2dataset failed (exit {rc}):\n{f.read()[-3000:]}")
+    return {"ok": sum(s["successes"] for s in stats), "total_s": wall, "cpu_s": cpu,
+            "wall_s": max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats)}
+
+
 # ---------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
+    from workers.prepare import pillow_build
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=3000, help="URLs to load (default 3000)")
     parser.add_argument("--latency-ms", type=float, default=50.0,
                         help="mean server latency per response (default 50)")
     parser.add_argument("--concurrency", type=int, default=64,
-                        help="downloads in flight, recap and naive alike (default 64)")
-    parser.add_argument("--skip-naive", action="store_true", help="measure recap only")
+                        help="downloads in flight, recap and naive alike, and img2dataset's "
+                             "threads per process (default 64)")
+    parser.add_argument("--skip-naive", action="store_true", help="leave out the naive one")
+    parser.add_argument("--img2dataset", metavar="PYTHON",
+                        help="also run img2dataset with this interpreter (see the top)")
     args = parser.parse_args(argv)
 
     ctx = mp.get_context("spawn")
@@ -186,11 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"server: {len(sizes)} JPEGs of {min(sizes) // 1024}-{max(sizes) // 1024} KB "
           f"(mean {sum(sizes) // len(sizes) // 1024} KB), {args.n} URLs, "
           f"latency ~{args.latency_ms:g} ms, concurrency {args.concurrency}, "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs; images prepared with {pillow_build()}")
     try:
         results = {"recap": contend(ctx, "recap", urls, args.concurrency)}
         if not args.skip_naive:
             results["naive"] = contend(ctx, "naive", urls, args.concurrency)
+        if args.img2dataset:
+            i2d = run_img2dataset(args.img2dataset, urls, args.concurrency)
+            # A short run too: the difference is img2dataset's CPU per image without its
+            # fixed start-up (four processes importing cv2, albumentations and pandas).
+            i2d["short"] = run_img2dataset(args.img2dataset, urls[:I2D_SHORT_RUN], args.concurrency)
     finally:
         stop.set()
         server.join(timeout=10)
@@ -203,8 +283,24 @@ def main(argv: list[str] | None = None) -> int:
         rec, nai = results["recap"], results["naive"]
         print(f"recap vs naive: {nai['wall_s'] / rec['wall_s']:.2f}x throughput, "
               f"{nai['cpu_s'] / rec['cpu_s']:.2f}x less CPU per image")
+    if args.img2dataset:
+        report_img2dataset(results["recap"], i2d, args.n, args.concurrency)
     return 0
 
+
+def report_img2dataset(rec: dict, i2d: dict, n: int, concurrency: int) -> None:
+    short = i2d["short"]
+    steady_ms = (i2d["cpu_s"] - short["cpu_s"]) * 1000 / (n - I2D_SHORT_RUN)
+    rec_ms = rec["cpu_s"] * 1000 / n
+    print(f"img2dataset: {i2d['ok']}/{n} prepared in {i2d['wall_s']:.1f} s = "
+          f"{i2d['ok'] / i2d['wall_s']:.0f} images/s ({I2D_PROCESSES} processes x "
+          f"{concurrency} threads); CPU {i2d['cpu_s'] * 1000 / n:.2f} ms per image with its "
+          f"start-up, {steady_ms:.2f} ms without (its processes)")
+    print(f"img2dataset start-up: {short['cpu_s']:.1f} s CPU for a {I2D_SHORT_RUN}-URL run; "
+          f"{i2d['total_s']:.1f} s in all for {n} URLs, of which downloading {i2d['wall_s']:.1f} s")
+    speed = (rec["ok"] / rec["wall_s"]) / (i2d["ok"] / i2d["wall_s"])
+    print(f"recap vs img2dataset: {speed:.2f}x throughput, {steady_ms / rec_ms:.2f}x less CPU "
+          f"per image ({i2d['cpu_s'] * 1000 / n / rec_ms:.2f}x counting its start-up)")
 
 if __name__ == "__main__":
     sys.exit(main())
