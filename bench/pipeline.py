@@ -32,6 +32,7 @@ class SimulatedEngine:
     revision = None
     is_tiny = False
     image_spec = ImageSpec(336, "pad")
+    provenance = {"engine": "simulated"}
 
     def __init__(self, batch_size: int, batch_s: float):
         self.default_batch_size = batch_size

@@ -38,6 +38,9 @@ EXPORT_SCHEMA = pa.schema(
         ("flags", pa.list_(pa.string())),
         ("job", pa.string()),
         ("updated_at", pa.timestamp("us", tz="UTC")),
+        # Beyond the contract's columns: how the caption was made (engine and version,
+        # dtype, attention, GPU model, recap version), JSON; null for items not done.
+        ("provenance", pa.string()),
     ]
 )
 EXPORT_COLUMNS = EXPORT_SCHEMA.names
@@ -81,11 +84,28 @@ def _export_batches(store, job, statuses, exclude_flags, since) -> Iterator[pa.R
         "generation": json.dumps(job.generation, sort_keys=True),
         "job": job.name,
     }
+    provenance = _ProvenanceLookup(store)
     for columns in store.iter_items(job, statuses, since=since):
         if exclude_flags:
             columns = _without_flags(columns, exclude_flags)
         if columns["key"]:
+            columns["provenance"] = provenance.json(columns.pop("provenance_id"))
             yield _record_batch(columns, static)
+
+
+class _ProvenanceLookup:
+    """Provenance ids to their JSON text; a job names a handful, each read once."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.known: dict[int | None, str | None] = {None: None}
+
+    def json(self, ids: list) -> list:
+        missing = set(ids) - self.known.keys()
+        if missing:
+            found = self.store.provenances(missing)
+            self.known.update({i: json.dumps(found[i], sort_keys=True) if i in found else None for i in missing})
+        return [self.known[i] for i in ids]
 
 
 def _without_flags(columns: dict[str, list], exclude: set[str]) -> dict[str, list]:
@@ -110,6 +130,7 @@ def _record_batch(columns: dict[str, list], static: dict[str, str]) -> pa.Record
         "width": columns["width"],
         "height": columns["height"],
         "model_revision": columns["model_revision"],
+        "provenance": columns["provenance"],
         "flags": [flags or [] for flags in columns["flags"]],
         "updated_at": [_utc(t) for t in columns["updated_at"]],
         **{name: [value] * n for name, value in static.items()},

@@ -86,24 +86,25 @@ def _local_store(create: bool = False):
     """`recap run`/`status`/`export`: RECAP_DATABASE_URL, else ./recap.db.
 
     Only `run` creates the schema; the readers say what is missing instead."""
-    from recap.db import database_url_or_default, safe_url, schema_exists, upgrade
+    from recap.db import database_url_or_default, require_current_schema, upgrade
     from recap.store import Store
 
     url = database_url_or_default(_settings().database_url)
     if create:
         upgrade(url)
-    elif not schema_exists(url):
-        raise RecapError(
-            f"no recap schema at {safe_url(url)}: run `recap db upgrade` or `recap run` first"
-        )
+    else:
+        require_current_schema(url)
     return Store(url)
 
 
-def _fleet_store(command_name: str):
-    from recap.db import require_postgres
+def _fleet_store(command_name: str, check_schema: bool = True):
+    from recap.db import require_current_schema, require_postgres
     from recap.store import Store
 
-    return Store(require_postgres(_settings().database_url, command_name))
+    url = require_postgres(_settings().database_url, command_name)
+    if check_schema:
+        require_current_schema(url)
+    return Store(url)
 
 
 # Column options shared by `run` and `submit`.
@@ -453,11 +454,24 @@ def worker(
     from workers.daemon import parse_gpus, run_workers, worker_specs
 
     settings = _settings()
-    _fleet_store("worker")
+    _check_schema_unless_unreachable(_fleet_store("worker", check_schema=False).url)
     specs = worker_specs(parse_gpus(gpus), settings)
     for spec in specs:
         err.print(f"starting {spec.node_name} on {'GPU ' + spec.gpu if spec.gpu else 'the CPU'}, queue {spec.queue}")
     raise typer.Exit(run_workers(specs, settings))
+
+
+def _check_schema_unless_unreachable(url: str) -> None:
+    """Workers start while the database is down (they wait it out), not on an old schema."""
+    from recap.db import require_current_schema
+    from recap.transient import is_transient
+
+    try:
+        require_current_schema(url)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        err.print(f"could not check the database schema ({type(exc).__name__}): starting anyway")
 
 
 @command(app, "flower")

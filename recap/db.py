@@ -7,7 +7,7 @@ from functools import lru_cache
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
 
-from recap.errors import FleetConfigError
+from recap.errors import FleetConfigError, RecapError
 from recap.resources import resource_path
 
 LOCAL_DEFAULT_URL = "sqlite:///recap.db"
@@ -100,6 +100,38 @@ def schema_exists(url: str) -> bool:
         if not Path(url.removeprefix("sqlite:///")).exists():
             return False  # do not leave an empty database file behind
     return inspect(get_engine(url)).has_table("jobs")
+
+
+def schema_revision(url: str) -> str | None:
+    """The Alembic revision the database is at, or None where there is no recap schema."""
+    from sqlalchemy import inspect, text
+
+    if not schema_exists(url):
+        return None
+    engine = get_engine(url)
+    if not inspect(engine).has_table("alembic_version"):
+        return None
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def head_revision() -> str:
+    """The newest revision this recap's migrations make."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(str(resource_path("alembic"))).get_current_head()
+
+
+def require_current_schema(url: str) -> None:
+    """A one-line error where the schema is missing or older than this recap's."""
+    current, head = schema_revision(url), head_revision()
+    if current is None:
+        raise RecapError(f"no recap schema at {safe_url(url)}: run `recap db upgrade` (or `recap run`)")
+    if current != head:
+        raise RecapError(
+            f"the recap schema at {safe_url(url)} is at revision {current}, this recap needs "
+            f"{head}: run `recap db upgrade`"
+        )
 
 
 def alembic_config(url: str):

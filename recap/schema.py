@@ -94,6 +94,7 @@ class Item(Base):
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
     model_revision: Mapped[str | None] = mapped_column(String(100))
+    provenance_id: Mapped[int | None] = mapped_column(BigInteger)  # provenances.id (done items)
     fetch_ms: Mapped[float | None] = mapped_column(Float)
     infer_ms: Mapped[float | None] = mapped_column(Float)
     worker: Mapped[str | None] = mapped_column(String(200))
@@ -103,6 +104,18 @@ class Item(Base):
         Index("ix_items_job_chunk", "job_id", "chunk_no"),
         {"postgresql_partition_by": "LIST (job_id)"},  # one partition per job (recap/store.py)
     )
+
+
+class Provenance(Base):
+    """How captions were made, beyond the job's model, prompt and generation settings:
+    engine and its version, dtype, attention, GPU model. One row per distinct set-up."""
+
+    __tablename__ = "provenances"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of the JSON
+    data: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 ITEM_STATUSES = ("pending", "done", "failed")

@@ -7,6 +7,8 @@ is already done.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator
@@ -18,12 +20,13 @@ from sqlalchemy.engine import Connection
 from recap.db import get_engine, normalise_url
 from recap.errors import RecapError
 from recap.records import InputItem, ItemResult
-from recap.schema import Chunk, Item, Job
+from recap.schema import Chunk, Item, Job, Provenance
 from recap.transient import retrying
 
 jobs_t = Job.__table__
 chunks_t = Chunk.__table__
 items_t = Item.__table__
+provenances_t = Provenance.__table__
 
 # SQLite allows 32766 bound parameters per statement; keep IN lists well under it.
 _IN_LIST_MAX = 5000
@@ -169,6 +172,29 @@ class Store:
                 .where(jobs_t.c.id == job_id, jobs_t.c.model_revision.is_(None))
                 .values(model_revision=revision)
             )
+
+    # -- provenance ------------------------------------------------------------------
+
+    @retrying
+    def provenance_id(self, data: dict) -> int:
+        """The id of this engine set-up's provenance row, made on first use (any number of
+        workers may race to make it: the digest is unique)."""
+        canonical = json.dumps(data, sort_keys=True, default=str)
+        digest = hashlib.sha256(canonical.encode()).hexdigest()
+        with self.writer.begin() as conn:
+            insert = self._insert(provenances_t).values(digest=digest, data=json.loads(canonical))
+            conn.execute(insert.on_conflict_do_nothing(index_elements=["digest"]))
+            return conn.execute(select(provenances_t.c.id).where(provenances_t.c.digest == digest)).scalar_one()
+
+    def provenances(self, ids: Iterable[int]) -> dict[int, dict]:
+        """Provenance rows by id (the export looks up the few a job's items name)."""
+        wanted = sorted(set(ids))
+        found: dict[int, dict] = {}
+        with self.engine.connect() as conn:
+            for part in _chunked(wanted):
+                rows = conn.execute(select(provenances_t.c.id, provenances_t.c.data).where(provenances_t.c.id.in_(part)))
+                found.update({row.id: row.data for row in rows})
+        return found
 
     def drop_job(self, job: JobInfo) -> None:
         """Delete a job with its chunks and items; on PostgreSQL its partition is dropped
@@ -579,8 +605,10 @@ class Store:
         chunk_no: int,
         results: list[ItemResult],
         model_revision: str | None = None,
+        provenance_id: int | None = None,
     ) -> int:
-        """Write a batch of final results; returns how many items changed.
+        """Write a batch of final results; returns how many items changed. Done items
+        record the model revision and provenance (`provenance_id`) they were made with.
 
         The chunk row is locked first (the same order everywhere), then the items; a done
         item is never overwritten and the chunk's counters move by the real transitions.
@@ -594,7 +622,7 @@ class Store:
                 return 0
             before = self._item_states(conn, job_id, [r.key for r in results])
             to_write = [r for r in results if r.key in before and before[r.key][0] != "done"]
-            self._update_items(conn, job_id, to_write, model_revision)
+            self._update_items(conn, job_id, to_write, model_revision, provenance_id)
             self._move_counters(conn, chunk, to_write, before)
         return len(to_write)
 
@@ -612,7 +640,8 @@ class Store:
         return states
 
     def _update_items(
-        self, conn: Connection, job_id: int, results: list[ItemResult], model_revision: str | None
+        self, conn: Connection, job_id: int, results: list[ItemResult],
+        model_revision: str | None, provenance_id: int | None,
     ) -> None:
         if not results:
             return
@@ -626,6 +655,7 @@ class Store:
             .values(
                 **{name: bindparam(f"b_{name}") for name in _RESULT_FIELDS},
                 model_revision=bindparam("b_model_revision"),
+                provenance_id=bindparam("b_provenance_id"),
                 attempts=items_t.c.attempts + 1,
                 updated_at=_now_sql(conn),
             )
@@ -634,6 +664,7 @@ class Store:
             {
                 "b_key": r.key,
                 "b_model_revision": model_revision if r.status == "done" else None,
+                "b_provenance_id": provenance_id if r.status == "done" else None,
                 **{f"b_{name}": getattr(r, name) for name in _RESULT_FIELDS},
             }
             for r in results
@@ -820,8 +851,8 @@ class Store:
         columns = [
             items_t.c.key, items_t.c.url, items_t.c.caption, items_t.c.org_caption,
             items_t.c.sha256, items_t.c.status, items_t.c.error_class, items_t.c.error,
-            items_t.c.width, items_t.c.height, items_t.c.model_revision, items_t.c.flags,
-            items_t.c.updated_at,
+            items_t.c.width, items_t.c.height, items_t.c.model_revision, items_t.c.provenance_id,
+            items_t.c.flags, items_t.c.updated_at,
         ]
         query = select(*columns).where(items_t.c.job_id == job.id)
         if set(statuses) != {"pending", "done", "failed"}:

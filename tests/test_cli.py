@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -88,3 +89,35 @@ def test_unknown_export_flags_are_refused(sqlite_url):
     result = run_cli("export", "--job", "x", "--out", "/tmp/never.parquet", "--exclude-flags", "truncated,bogus",
                      env={"RECAP_DATABASE_URL": sqlite_url})
     assert result.returncode == 2 and "bogus" in result.stderr
+
+
+def test_an_older_schema_is_refused_until_upgraded_and_keeps_its_jobs(pg_url):
+    """A database made by an earlier recap: commands say to upgrade; the upgrade keeps the
+    jobs, and adds the new column to the existing job partitions too."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from recap.db import alembic_config, get_engine
+    from recap.records import InputItem
+    from recap.store import Store
+
+    store = Store(pg_url)
+    job = store.ensure_job("older", "tiny", "describe", {}, 2)
+    store.register_items(job, [[InputItem(f"k{i}", f"http://127.0.0.1/{i}") for i in range(4)]])
+    command.downgrade(alembic_config(pg_url), "0001")
+    env = {"RECAP_DATABASE_URL": pg_url}
+
+    for args in (("status", "--job", "older"), ("retry", "--job", "older", "--errors", "timeout")):
+        refused = run_cli(*args, env=env)
+        assert refused.returncode == 2, refused.stderr
+        assert "revision 0001" in refused.stderr and "recap db upgrade" in refused.stderr
+
+    assert run_cli("db", "upgrade", env=env).returncode == 0
+    status = run_cli("status", "--job", "older", "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["items"]["pending"] == 4
+    with get_engine(pg_url).connect() as conn:
+        columns = conn.execute(text(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = :t"
+        ), {"t": f"items_p{job.id}"}).scalars().all()
+    assert "provenance_id" in columns

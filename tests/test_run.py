@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -43,6 +44,12 @@ def run_env(tmp_path, tiny_model_dir, **extra):
     }
 
 
+def transformers_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformers")
+
+
 def item_rows(tmp_path):
     engine = sa.create_engine(f"sqlite:///{tmp_path}/recap.db")
     with engine.connect() as conn:
@@ -80,6 +87,10 @@ def test_run_captions_good_urls_and_classifies_every_failure(tmp_path, image_ser
     assert first_done["re_length"] == len(first_done["re_caption"].split())
     assert first_done["model"] == str(tiny_model_dir)
     assert "max_new_tokens" in first_done["generation"]
+    provenance = json.loads(first_done["provenance"])
+    assert (provenance["engine"], provenance["engine_version"]) == ("transformers", transformers_version())
+    assert (provenance["dtype"], provenance["device"], provenance["family"]) == ("float32", "cpu", "llava")
+    assert provenance["revision"] == first_done["model_revision"]
 
 
 def test_run_resumes_after_a_kill_without_redoing_done_items(tmp_path, image_server, tiny_model_dir):
@@ -111,21 +122,34 @@ def test_run_resumes_after_a_kill_without_redoing_done_items(tmp_path, image_ser
     assert len(lines) == 150
 
 
-@pytest.mark.parametrize("family", ["llava-next", "mllama"])
-def test_every_family_runs_through_recap_run_on_an_image_folder(tmp_path, family):
-    """The other tiny families, on local images (no fetching): every picture gets a caption."""
-    out = tmp_path / "out.parquet"
-    env = {**run_env(tmp_path, "unused"), "RECAP_MODEL": f"tiny-{family}", "RECAP_CACHE_DIR": str(tmp_path / "cache")}
-    result = subprocess.run(
-        [sys.executable, "-m", "recap.cli", "run", str(REPO / "examples" / "images"), "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=200,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "meaningless" in result.stderr
-    table = pq.read_table(out).to_pylist()
-    assert len(table) == 6 and all(r["re_caption"] for r in table)
-    assert {r["key"] for r in table} >= {"red-circle.jpg", "sunset.jpg"}
-    assert next(r for r in table if r["key"] == "red-circle.jpg")["org_caption"] == "a red circle on a white background"
+def test_other_families_recaption_the_same_inputs_as_jobs_side_by_side(tmp_path):
+    """The other tiny families, on local images (no fetching), one after the other into one
+    database: each model is a job of its own, and the exports line up by key."""
+    exports = {}
+    for family in ("llava-next", "mllama"):
+        out = tmp_path / f"{family}.parquet"
+        env = {**run_env(tmp_path, "unused"), "RECAP_MODEL": f"tiny-{family}",
+               "RECAP_CACHE_DIR": str(tmp_path / "cache")}
+        result = subprocess.run(
+            [sys.executable, "-m", "recap.cli", "run", str(REPO / "examples" / "images"), "--out", str(out)],
+            env=env, capture_output=True, text=True, timeout=200,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "meaningless" in result.stderr
+        table = pq.read_table(out).to_pylist()
+        assert len(table) == 6 and all(r["re_caption"] for r in table)
+        assert {r["key"] for r in table} >= {"red-circle.jpg", "sunset.jpg"}
+        assert next(r for r in table if r["key"] == "red-circle.jpg")["org_caption"] == "a red circle on a white background"
+        exports[family] = {r["key"]: r for r in table}
+
+    next_rows, mllama_rows = exports["llava-next"], exports["mllama"]
+    assert next_rows.keys() == mllama_rows.keys()
+    for key in next_rows:
+        a, b = next_rows[key], mllama_rows[key]
+        assert (a["model"], b["model"]) == ("tiny-llava-next", "tiny-mllama")
+        assert a["job"] != b["job"] and a["sha256"] == b["sha256"]
+        assert json.loads(a["provenance"])["family"] == "llava_next"
+        assert json.loads(b["provenance"])["family"] == "mllama"
 
 
 def test_a_straggler_does_not_hold_the_engine_its_chunk_finishes_later(tmp_path, image_server, tiny_model_dir):

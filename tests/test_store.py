@@ -221,3 +221,23 @@ def test_retry_reopens_a_chunk_that_gave_up(store):
     count, chunks = store.retry_failed(job, ["timeout"])
     assert (count, chunks) == (0, [0])
     assert store.claim_chunk(job.id, 0, "w", 60, 2).claimed
+
+
+def test_provenance_rows_are_shared_per_setup_and_recorded_on_done_items(store):
+    h100 = {"engine": "transformers", "engine_version": "5.24.0", "dtype": "bfloat16", "gpu": "NVIDIA H100"}
+    first = store.provenance_id(h100)
+    assert store.provenance_id(dict(reversed(list(h100.items())))) == first  # key order is not identity
+    other = store.provenance_id({**h100, "dtype": "float16"})
+    assert other != first
+    job = _job(store)
+    store.register_items(job, [_items(3)])
+    store.claim_chunk(job.id, 0, "w1", 60, 3)
+    store.write_results(job.id, 0, [ItemResult("k0000", "done", caption="a cat"),
+                                    ItemResult("k0001", "failed", error_class="timeout", error="slow")],
+                        provenance_id=first)
+    store.write_results(job.id, 0, [ItemResult("k0001", "done", caption="a dog")], provenance_id=other)
+    ids = {}
+    for batch in store.iter_items(job, ["pending", "done", "failed"]):
+        ids.update(zip(batch["key"], batch["provenance_id"]))
+    assert ids == {"k0000": first, "k0001": other, "k0002": None}
+    assert store.provenances([first, other, first]) == {first: h100, other: {**h100, "dtype": "float16"}}

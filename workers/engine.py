@@ -155,6 +155,8 @@ class TransformersEngine:
         import torch
         import transformers
 
+        import recap
+
         self.settings = settings
         self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
         self.model_id, self.revision = model_id, revision
@@ -179,13 +181,14 @@ class TransformersEngine:
             "revision": revision,
             "family": self.family,
             "dtype": str(self.dtype).removeprefix("torch."),
-            "device": str(self.device),
+            "device": self.device.type,  # not the index: cuda:0 and cuda:3 make the same captions
             "engine": ENGINE_NAME,
             "engine_version": transformers.__version__,
             "torch_version": torch.__version__.split("+")[0],
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "is_tiny": self.is_tiny,
             "compiled": settings.compile,
+            "recap_version": recap.__version__,
         }
         if self.device.type == "cuda":
             self.provenance["gpu"] = torch.cuda.get_device_name(self.device)

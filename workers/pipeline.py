@@ -113,6 +113,7 @@ class CaptionPipeline:
         self.loader = loader or ImageLoader(settings, engine.image_spec)
         self._loaders = {engine.image_spec: self.loader}  # one per image preparation
         self.batch_size = settings.batch_size or engine.default_batch_size
+        self._provenance: int | None = None
         self.busy = metrics.BusyMeter()
         self.engine_lock = threading.Lock()  # the finishers share the engine
         self.finishers: list[threading.Thread] = []
@@ -291,6 +292,12 @@ class CaptionPipeline:
             **common,
         )
 
+    def _provenance_id(self) -> int:
+        """The engine's provenance row, looked up once per pipeline (the engine is fixed)."""
+        if self._provenance is None:
+            self._provenance = self.store.provenance_id(self.engine.provenance)
+        return self._provenance
+
     def _rejected_result(self, rejected: Rejected) -> ItemResult:
         return ItemResult(
             key=rejected.item.key,
@@ -304,7 +311,8 @@ class CaptionPipeline:
         )
 
     def _write(self, job, chunk_no, results, outcome: ChunkOutcome, on_written) -> None:
-        self.store.write_results(job.id, chunk_no, results, model_revision=self.engine.revision)
+        self.store.write_results(job.id, chunk_no, results, model_revision=self.engine.revision,
+                                 provenance_id=self._provenance_id())
         for r in results:
             metrics.ITEMS.labels(r.status, r.error_class or "").inc()
         outcome.done += sum(r.status == "done" for r in results)
