@@ -270,10 +270,10 @@ def test_postgres_restarted_mid_run_workers_wait_and_finish(fleet, control_app, 
 
     if not ThrowawayCluster.available():
         pytest.skip("initdb/pg_ctl are not installed here")
-    cluster = ThrowawayCluster(port=55432 + os.getpid() % 1000)
-    cluster.init()
-    cluster.start()
+    cluster = ThrowawayCluster()
     try:
+        cluster.init()
+        cluster.start()
         upgrade(cluster.url)
         fleet.env["RECAP_DATABASE_URL"] = cluster.url
         submit_and_wait_for_progress(fleet, control_app, cluster.url, tmp_path, slow_urls(image_server, 120), "pgdown")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -23,9 +24,17 @@ def _as_postgres(argv: list[str]) -> list[str]:
     return argv
 
 
+def free_port() -> int:
+    """A loopback port nothing uses now (a fixed guess can collide with a client socket's
+    ephemeral port on a busy test machine)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class ThrowawayCluster:
-    def __init__(self, port: int):
-        self.port = port
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="recap-pg-"))
         self.data = self.dir / "data"
         self.log = self.dir / "pg.log"
@@ -41,9 +50,13 @@ class ThrowawayCluster:
                        check=True, capture_output=True)
 
     def start(self) -> None:
+        """Start on `self.port`; a restart keeps the port (clients reconnect to it)."""
         options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
-        subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(self.data), "-o", options,
-                                     "-l", str(self.log), "-w", "start"]), check=True, capture_output=True)
+        result = subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(self.data), "-o", options,
+                                              "-l", str(self.log), "-w", "start"]), capture_output=True)
+        if result.returncode != 0:
+            log = self.log.read_text()[-2000:] if self.log.exists() else ""
+            raise RuntimeError(f"pg_ctl start failed on port {self.port}:\n{log}")
 
     def stop(self) -> None:
         subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"]),
