@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", default=None, help="comma list (default 1,16,32,64,128; --tiny 1,4,8)")
     p.add_argument("--new-tokens", type=int, default=None, help="forced new tokens (default 96; --tiny 16)")
     p.add_argument("--batches", type=int, default=2, help="timed batches per batch size")
-    p.add_argument("--naive-images", type=int, default=None, help="images for the baseline (default 8)")
+    p.add_argument("--naive-images", type=int, default=8, help="images for the baseline (default 8; 0: none)")
     p.add_argument("--device", default=None, help="default cuda (cpu with --tiny)")
     p.add_argument("--compile", action="store_true",
                    help="static KV cache + torch.compile (RECAP_COMPILE); the naive loop stays eager")
@@ -107,7 +107,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.batch_sizes = [int(b) for b in (args.batch_sizes or ("1,4,8" if args.tiny else "1,16,32,64,128")).split(",")]
     args.new_tokens = args.new_tokens or (16 if args.tiny else 96)
-    args.naive_images = args.naive_images or 8
     args.device = args.device or ("cpu" if args.tiny else "cuda")
     return args
 
@@ -224,9 +223,9 @@ def gpu_busy_share(fn, device) -> float | None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        _, wall = timed(fn, device)
     try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            _, wall = timed(fn, device)
         spans = sorted(
             (e.start_ns(), e.end_ns())
             for e in prof.profiler.kineto_results.events()
@@ -319,27 +318,40 @@ def fmt(value, spec: str, missing: str = "n/a") -> str:
     return missing if value is None else format(value, spec)
 
 
-def print_table(rows: list[Row], naive: dict, header: str) -> None:
+TABLE_HEADER = (
+    f"{'batch':>5} {'used':>4} {'images':>6} {'img/s':>8} {'prep s':>7} {'prefill s':>9} "
+    f"{'decode s':>8} {'ms/step':>7} {'peak GiB':>8} {'GPU busy':>8} {'warm-up s':>9}"
+)
+
+
+def table_row(r: Row) -> str:
+    return (
+        f"{r.batch_size:>5} {r.batch_size_used:>4} {r.images:>6} {r.images_per_s:>8.2f} {r.preprocess_s:>7.3f} "
+        f"{r.prefill_s:>9.3f} {r.decode_s:>8.3f} {r.decode_ms_per_step:>7.2f} "
+        f"{fmt(r.peak_mem_gib, '8.1f'):>8} {fmt(r.gpu_busy, '8.0%'):>8} {r.warm_up_s:>9.1f}"
+    )
+
+
+def print_table(rows: list[Row], naive: dict | None, header: str) -> None:
     print(header)
-    print(
-        f"{'batch':>5} {'used':>4} {'images':>6} {'img/s':>8} {'prep s':>7} {'prefill s':>9} "
-        f"{'decode s':>8} {'ms/step':>7} {'peak GiB':>8} {'GPU busy':>8} {'warm-up s':>9}"
-    )
+    print(TABLE_HEADER)
     for r in rows:
-        print(
-            f"{r.batch_size:>5} {r.batch_size_used:>4} {r.images:>6} {r.images_per_s:>8.2f} {r.preprocess_s:>7.3f} "
-            f"{r.prefill_s:>9.3f} {r.decode_s:>8.3f} {r.decode_ms_per_step:>7.2f} "
-            f"{fmt(r.peak_mem_gib, '8.1f'):>8} {fmt(r.gpu_busy, '8.0%'):>8} {r.warm_up_s:>9.1f}"
-        )
+        print(table_row(r))
     best = max(rows, key=lambda r: r.images_per_s)
-    print(
-        f"naive (one image at a time, processor + generate): {naive['images_per_s']:.2f} img/s "
-        f"over {naive['images']} images"
-    )
-    print(
-        f"best batched: {best.images_per_s:.2f} img/s at batch {best.batch_size} "
-        f"= {best.images_per_s / naive['images_per_s']:.1f}x the naive loop"
-    )
+    print(f"best batched: {best.images_per_s:.2f} img/s at batch {best.batch_size}", end="")
+    if naive:
+        print(
+            f" = {best.images_per_s / naive['images_per_s']:.1f}x the naive loop (one image at a time, "
+            f"processor + generate: {naive['images_per_s']:.2f} img/s over {naive['images']} images)"
+        )
+    else:
+        print(" (no naive baseline in this run)")
+
+
+def save(path: Path | None, header: str, rows: list[Row], naive: dict | None) -> None:
+    """After every measurement: a run cut short by its time limit keeps what it measured."""
+    if path:
+        path.write_text(json.dumps({"header": header, "rows": [asdict(r) for r in rows], "naive": naive}, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,16 +380,18 @@ def main(argv: list[str] | None = None) -> int:
         + ("; static KV cache + torch.compile" if args.compile else "")
     )
     print(header, flush=True)
-    rows = []
+    # The baseline first: it is short, and the ratio needs it even if a long compile is cut.
+    naive = bench_naive(model, processor, images, args) if args.naive_images else None
+    if naive:
+        print(f"  naive: {naive['images_per_s']:.2f} img/s over {naive['images']} images", flush=True)
+    print("  " + TABLE_HEADER, flush=True)
+    rows: list[Row] = []
     for bs in args.batch_sizes:
         rows.append(bench_batch_size(engine, images, bs, args))
-        r = rows[-1]
-        print(f"  batch {bs}: {r.images_per_s:.2f} img/s", flush=True)
-    naive = bench_naive(model, processor, images, args)
+        print("  " + table_row(rows[-1]), flush=True)
+        save(args.json, header, rows, naive)
     print()
     print_table(rows, naive, header)
-    if args.json:
-        args.json.write_text(json.dumps({"header": header, "rows": [asdict(r) for r in rows], "naive": naive}, indent=2))
     return 0
 
 

@@ -25,12 +25,13 @@ ARG PILLOW_SIMD=1
 FROM ${CUDA_IMAGE} AS pillow-simd
 ARG PILLOW_SIMD
 ARG PILLOW_SIMD_VERSION=12.1.1.post0
+ARG DEBIAN_FRONTEND=noninteractive
 # hadolint ignore=DL3008
 RUN mkdir /wheels \
  && if [ "${PILLOW_SIMD}" = 1 ]; then \
       apt-get update \
       && apt-get install -y --no-install-recommends ca-certificates gcc pkg-config python3.12-dev python3.12-venv \
-           libjpeg-turbo8-dev zlib1g-dev libwebp-dev libtiff-dev \
+           libjpeg-turbo8-dev zlib1g-dev libwebp-dev libtiff-dev libavif-dev \
       && rm -rf /var/lib/apt/lists/* \
       && python3.12 -m venv /opt/build \
       && CC="gcc -mavx2" /opt/build/bin/pip wheel --no-cache-dir --no-deps --no-binary pillow-simd \
@@ -60,12 +61,12 @@ ENV DEBIAN_FRONTEND=noninteractive \
     RECAP_CACHE_DIR=/models/recap
 
 # Ubuntu 24.04's Python 3.12 (the project needs 3.11 or newer), in a virtual environment.
-# libjpeg-turbo, libwebp and libtiff: what the Pillow-SIMD wheel links to.
+# libjpeg-turbo, libwebp, libtiff and libavif: what the Pillow-SIMD wheel links to.
 # Versions come from the pinned base image's Ubuntu release.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates python3.12 python3.12-venv \
-      libjpeg-turbo8 libwebp7 libwebpmux3 libwebpdemux2 libtiff6 \
+      libjpeg-turbo8 libwebp7 libwebpmux3 libwebpdemux2 libtiff6 libavif16 \
  && rm -rf /var/lib/apt/lists/* \
  && python3.12 -m venv /opt/venv
 
@@ -87,7 +88,7 @@ RUN if [ "${PILLOW_SIMD}" = 1 ]; then \
       pip uninstall -y pillow && pip install --no-cache-dir --no-deps /tmp/wheels/*.whl; \
     fi \
  && rm -rf /tmp/wheels \
- && python -c "from workers.prepare import pillow_build; print('images prepared with', pillow_build())"
+ && python -c "from workers.prepare import missing_codecs as m, pillow_build as b; print('images prepared with', b()); assert not m(), f'Pillow lacks {m()}'"
 
 COPY docker/healthcheck.py /opt/recap/healthcheck.py
 

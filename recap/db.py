@@ -115,18 +115,27 @@ def schema_revision(url: str) -> str | None:
         return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
 
-def head_revision() -> str:
-    """The newest revision this recap's migrations make."""
+def _migrations():
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory(str(resource_path("alembic"))).get_current_head()
+    return ScriptDirectory(str(resource_path("alembic")))
+
+
+def head_revision() -> str:
+    """The newest revision this recap's migrations make."""
+    return _migrations().get_current_head()
 
 
 def require_current_schema(url: str) -> None:
-    """A one-line error where the schema is missing or older than this recap's."""
+    """A one-line error where the schema is missing, older or newer than this recap's."""
     current, head = schema_revision(url), head_revision()
     if current is None:
         raise RecapError(f"no recap schema at {safe_url(url)}: run `recap db upgrade` (or `recap run`)")
+    if current not in {script.revision for script in _migrations().walk_revisions()}:
+        raise RecapError(
+            f"the recap schema at {safe_url(url)} is at revision {current}, newer than this "
+            f"recap knows (up to {head}): install the recap that upgraded it"
+        )
     if current != head:
         raise RecapError(
             f"the recap schema at {safe_url(url)} is at revision {current}, this recap needs "

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.support.fleet import REPO
 
 
@@ -121,3 +123,45 @@ def test_an_older_schema_is_refused_until_upgraded_and_keeps_its_jobs(pg_url):
             "SELECT column_name FROM information_schema.columns WHERE table_name = :t"
         ), {"t": f"items_p{job.id}"}).scalars().all()
     assert "provenance_id" in columns
+
+
+def test_a_worker_on_an_older_schema_claims_nothing(pg_url, redis_url, tmp_path):
+    """The check comes before the claim (and before the model loads): no chunk is burnt."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from recap.db import alembic_config, get_engine
+    from recap.errors import RecapError
+    from recap.records import InputItem
+    from recap.settings import Settings
+    from recap.store import ChunkRef, Store
+    from workers.runtime import WorkerRuntime
+
+    store = Store(pg_url)
+    job = store.ensure_job("older", "tiny", "describe", {}, 2)
+    store.register_items(job, [[InputItem(f"k{i}", f"http://127.0.0.1/{i}") for i in range(2)]])
+    command.downgrade(alembic_config(pg_url), "0001")
+    runtime = WorkerRuntime(Settings(database_url=pg_url, broker_url=redis_url, model="tiny",
+                                     cache_dir=tmp_path, feed_interval_s=3600))
+    try:
+        with pytest.raises(RecapError, match="recap db upgrade"):
+            runtime.handle_chunk(ChunkRef(job.id, 0))
+    finally:
+        runtime.close()
+    assert runtime._pipeline is None  # the model was not loaded
+    with get_engine(pg_url).connect() as conn:
+        chunk = conn.execute(text("SELECT state, attempts, lease_owner FROM chunks WHERE job_id = :j AND chunk_no = 0"),
+                             {"j": job.id}).one()
+    assert chunk.state in ("pending", "queued") and (chunk.attempts, chunk.lease_owner) == (0, None)
+
+
+def test_a_schema_newer_than_this_recap_says_so(pg_url):
+    from sqlalchemy import text
+
+    from recap.db import get_engine
+
+    with get_engine(pg_url).begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    result = run_cli("status", env={"RECAP_DATABASE_URL": pg_url})
+    assert result.returncode == 2
+    assert "revision 0099, newer than this recap knows" in result.stderr

@@ -345,7 +345,7 @@ def test_static_cache_gives_the_same_captions(model_dirs, settings, engines, fam
     (On CPU transformers uses the static cache but does not compile.)"""
     static = TransformersEngine(model_dirs[family], settings.model_copy(update={"compile": True}))
     assert static.generation_config.cache_implementation == "static"
-    assert static.provenance["compiled"] is True and engines[family].provenance["compiled"] is False
+    assert static.provenance["compiled"] is False  # on the CPU transformers does not compile
     imgs, ps = images(6), prompts(6)
     assert texts(static.caption(imgs, ps)) == texts(engines[family].caption(imgs, ps))
 

@@ -156,6 +156,7 @@ class TransformersEngine:
         import transformers
 
         import recap
+        from workers.prepare import pillow_build
 
         self.settings = settings
         self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
@@ -187,7 +188,8 @@ class TransformersEngine:
             "torch_version": torch.__version__.split("+")[0],
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "is_tiny": self.is_tiny,
-            "compiled": settings.compile,
+            "compiled": settings.compile and self.device.type == "cuda",  # CPU: static cache only
+            "image_library": pillow_build(),  # Pillow-SIMD resizes a little differently
             "recap_version": recap.__version__,
         }
         if self.device.type == "cuda":

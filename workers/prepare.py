@@ -56,6 +56,15 @@ def pillow_build() -> str:
     return f"{'Pillow-SIMD' if simd else 'Pillow'} {PIL.__version__}"
 
 
+# The codecs behind READ_FORMATS; a Pillow built without one reads fewer web images.
+IMAGE_CODECS = ("jpg", "zlib", "webp", "libtiff", "avif")
+
+
+def missing_codecs() -> list[str]:
+    """The IMAGE_CODECS this Pillow lacks (a source build finds only the libraries present)."""
+    return [name for name in IMAGE_CODECS if not features.check(name)]
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     min_side: int = 32

@@ -43,9 +43,13 @@ class WorkerRuntime:
         Celery kills a child whose start-up blocks for more than a few seconds)."""
         with self._load_lock:
             if self._pipeline is None:
+                from recap.db import require_current_schema
                 from workers.engine import load_engine
                 from workers.pipeline import CaptionPipeline
 
+                # Before any claim: on an older schema every write would fail after the
+                # GPU work, and each failure would count an attempt against the chunk.
+                require_current_schema(self.store.url)
                 engine = load_engine(self.settings)
                 self._pipeline = CaptionPipeline(
                     self.settings, engine, self.store, self.name, stopping=self.stopping

@@ -32,10 +32,12 @@ def _warm_up(**_kwargs) -> None:
     """Per-process start: cheap set-up only (store, feeder); the model loads on first use."""
     runtime = get_runtime()
     from workers.metrics import serve
-    from workers.prepare import pillow_build
+    from workers.prepare import missing_codecs, pillow_build
 
     serve(runtime.settings.metrics_port)
     log.info("images are prepared with %s", pillow_build())
+    if missing_codecs():
+        log.warning("this Pillow lacks %s: such images fail as not_image", ", ".join(missing_codecs()))
 
 
 def _stop_gracefully_on_sigterm(runtime) -> None:
