@@ -34,10 +34,9 @@ CC="${CC:-cc} -mavx2" "$PYTHON" -m pip wheel -q --no-cache-dir --no-deps --no-bi
 "$PYTHON" -m pip install -q --no-deps --target "$WHEELS/check" "$WHEELS"/*.whl
 PYTHONPATH="$WHEELS/check" "$PYTHON" - <<'PY'
 import os, sys
-from PIL import features
-wanted = ("jpg", "zlib", "webp", "libtiff", "avif")  # workers.prepare.IMAGE_CODECS
+from workers.prepare import missing_codecs  # with the new build's PIL, first on the path
 allowed = os.environ.get("PILLOW_SIMD_ALLOW_MISSING", "").replace(",", " ").split()
-missing = [name for name in wanted if not features.check(name) and name not in allowed]
+missing = [name for name in missing_codecs() if name not in allowed]
 if missing:
     sys.exit(f"install-pillow-simd: the build lacks {', '.join(missing)}; Pillow is kept. Install "
              "the headers named at the top of this script (libavif 1.0 or newer for avif), or "
