@@ -58,10 +58,10 @@ def expected_nodes(processes: Iterable[tuple[int, list[str]]], host: str) -> lis
     names: set[str] = set()
     for pid, argv in processes:
         if _is_launcher(argv):
-            from workers.daemon import parse_gpus
+            from workers.daemon import node_name, parse_gpus
 
             for gpu in parse_gpus(_option(argv, ("--gpus",)) or "all"):
-                names.add(f"recap-{'cpu' if gpu is None else 'gpu' + gpu}-{pid}@{host}")
+                names.add(node_name(gpu, pid, host))
         elif "worker" in argv:
             name = _option(argv, ("-n", "--hostname"))
             if name:

@@ -165,3 +165,15 @@ def test_a_schema_newer_than_this_recap_says_so(pg_url):
     result = run_cli("status", env={"RECAP_DATABASE_URL": pg_url})
     assert result.returncode == 2
     assert "revision 0099, newer than this recap knows" in result.stderr
+
+
+def test_worker_metrics_ports_follow_the_gpu_number():
+    """One launcher per GPU (the systemd template) must not hand every worker the base port."""
+    from recap.settings import Settings
+    from workers.daemon import worker_specs
+
+    settings = Settings(metrics_port=9400)
+    assert [s.metrics_port for s in worker_specs(["2", "3"], settings)] == [9402, 9403]
+    assert [s.metrics_port for s in worker_specs(["3"], settings)] == [9403]
+    assert [s.metrics_port for s in worker_specs([None], settings)] == [9400]
+    assert [s.metrics_port for s in worker_specs(["0"], Settings(metrics_port=0))] == [0]

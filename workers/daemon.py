@@ -64,19 +64,25 @@ def parse_gpus(spec: str) -> list[str | None]:
     return ids
 
 
+def node_name(gpu: str | None, launcher_pid: int, host: str) -> str:
+    """The Celery node name of the worker `recap worker` starts for `gpu` (docker/healthcheck.py
+    derives the expected names from the launchers it sees)."""
+    return f"recap-{'cpu' if gpu is None else 'gpu' + gpu}-{launcher_pid}@{host}"
+
+
 def worker_specs(gpus: list[str | None], settings: Settings) -> list[WorkerSpec]:
     from workers.celery_app import queue_name
 
     host, pid = socket.gethostname(), os.getpid()
     queue = queue_name(settings.model)
     base = settings.metrics_port
-    return [
-        WorkerSpec(
-            gpu, f"recap-{'cpu' if gpu is None else 'gpu' + gpu}-{pid}@{host}", queue,
-            metrics_port=base + index if base else 0,
-        )
-        for index, gpu in enumerate(gpus)
-    ]
+
+    def port(index: int, gpu: str | None) -> int:
+        # By GPU number, not position in this launcher's list: one launcher per GPU (the
+        # systemd template) must not give every worker the base port.
+        return base + (int(gpu) if gpu is not None else index) if base else 0
+
+    return [WorkerSpec(gpu, node_name(gpu, pid, host), queue, port(i, gpu)) for i, gpu in enumerate(gpus)]
 
 
 def celery_argv(spec: WorkerSpec, settings: Settings, app_module: str = "workers.celery_app") -> list[str]:
@@ -92,7 +98,8 @@ def celery_argv(spec: WorkerSpec, settings: Settings, app_module: str = "workers
 def run_workers(specs: list[WorkerSpec], settings: Settings, app_module: str = "workers.celery_app") -> int:
     """Start one Celery worker per spec, each in its own process group; on SIGTERM or
     SIGINT send SIGTERM to every group (the Celery main process and its pool child, which
-    then finishes its batch and gives the rest of its chunk back); worst exit code wins."""
+    then finishes its batch and gives the rest of its chunk back). 0 when every worker
+    exited 0, else 1 (a worker killed by a signal has a negative code)."""
     children = [
         subprocess.Popen(
             celery_argv(spec, settings, app_module), env=spec.env(dict(os.environ)),
@@ -112,4 +119,4 @@ def run_workers(specs: list[WorkerSpec], settings: Settings, app_module: str = "
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     codes = [child.wait() for child in children]
-    return max(codes, default=0)
+    return 0 if all(code == 0 for code in codes) else 1
