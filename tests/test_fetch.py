@@ -509,3 +509,13 @@ def test_deadline_also_cuts_a_reused_connection(quick, image_server):
     assert outcome.failure.error_class is E.TIMEOUT
     assert time.monotonic() - start <= TIMEOUT_S + LATE_MARGIN_S
     assert image_server.connections <= 1  # the drip came over the kept-alive connection
+
+
+def test_a_bad_redirect_target_outranks_the_redirect_limit(image_server):
+    """DESIGN.md's precedence: bad_scheme (2) before too_many_redirects (6), on any hop."""
+    from urllib.parse import quote
+
+    inner = "/redirect?to=" + quote("ftp://127.0.0.1/image.jpg", safe="")
+    with Fetcher(make_settings(fetch_max_redirects=1, fetch_retries=0)) as f:
+        outcome = f.fetch(image_server.url("/redirect?to=" + quote(inner, safe="")))
+    assert outcome.failure.error_class is E.BAD_SCHEME, outcome.failure

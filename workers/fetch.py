@@ -567,7 +567,9 @@ class Fetcher:
     def __init__(self, settings: Settings):
         self._s = settings
         self._closed = threading.Event()
-        self._guard = AddressGuard(settings.fetch_allow_cidrs)
+        # A lookup waits for a resolver thread within its own deadline: one per download in
+        # flight, or a few slow (dead) domains would time out lookups of healthy hosts.
+        self._guard = AddressGuard(settings.fetch_allow_cidrs, resolver_threads=settings.fetch_concurrency)
         self._watchdog = _Watchdog()
         self._slots = _HostSlots(settings.fetch_per_host)
         self._adapter = _GuardedAdapter(
@@ -680,37 +682,37 @@ class Fetcher:
     def _follow(self, hops: _Hops, attempt: _Attempt) -> _AttemptResult:
         """Request, and follow redirects by hand: each hop is checked like the first URL."""
         first, seen = hops.url, {hops.url}
-        for hop in range(self._s.fetch_max_redirects + 1):
-            if hop:
-                failure = self._enter_hop(hops, attempt)
-                if failure is not None:
-                    return _AttemptResult(failure=_after_redirect(failure, first),
-                                          final_url=hops.url)
+        for hop in itertools.count():
             result, location = self._hop(hops.url, attempt)
             if location is None:
                 return result
             hops.url = urljoin(hops.url, location)
-            if hops.url in seen:
-                return _AttemptResult(failure=Failure.of(
-                    ErrorClass.TOO_MANY_REDIRECTS, f"redirect loop back to {hops.url[:200]}"),
-                    final_url=hops.url)
+            failure = self._next_hop(hops, attempt, first, seen, past_limit=hop >= self._s.fetch_max_redirects)
+            if failure is not None:
+                return _AttemptResult(failure=failure, final_url=hops.url)
             seen.add(hops.url)
-        return _AttemptResult(failure=Failure.of(
-            ErrorClass.TOO_MANY_REDIRECTS,
-            f"more than {self._s.fetch_max_redirects} redirects (RECAP_FETCH_MAX_REDIRECTS)"),
-            final_url=hops.url)
+        raise AssertionError("unreachable")
 
-    def _enter_hop(self, hops: _Hops, attempt: _Attempt) -> Failure | None:
-        """Check a redirect target and move the host slot to its host (within the deadline)."""
+    def _next_hop(self, hops: _Hops, attempt: _Attempt, first: str, seen: set[str],
+                  past_limit: bool) -> Failure | None:
+        """Check a redirect target, in DESIGN.md's order (a bad URL outranks the redirect
+        limit), then move the host slot to its host (within the deadline)."""
         failure, host = check_url(hops.url)
-        if failure is not None or host == hops.held:
-            return failure
+        if failure is not None:
+            return _after_redirect(failure, first)
+        if hops.url in seen:
+            return Failure.of(ErrorClass.TOO_MANY_REDIRECTS, f"redirect loop back to {hops.url[:200]}")
+        if past_limit:
+            return Failure.of(ErrorClass.TOO_MANY_REDIRECTS,
+                              f"more than {self._s.fetch_max_redirects} redirects (RECAP_FETCH_MAX_REDIRECTS)")
+        if host == hops.held:
+            return None
         # Let go of the old host first: holding one slot while waiting for another
         # could deadlock two redirects pointing at each other's hosts.
         self._slots.release(hops.held)
         hops.held = ""
         if not self._slots.acquire(host, max(attempt.remaining(), 0), self._closed, None):
-            return self._timeout(host)
+            return _after_redirect(self._timeout(host), first)
         hops.held = host
         return None
 
