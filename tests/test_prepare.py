@@ -224,3 +224,12 @@ def test_limits_from_settings():
 
     limits = ImageLimits.from_settings(Settings(min_side=5, max_aspect=3.0, max_pixels=99))
     assert limits == ImageLimits(5, 3.0, 99)
+
+
+def test_max_pixels_can_be_raised_past_pillows_own_cap():
+    """RECAP_MAX_PIXELS decides, not Pillow's fixed ~179 MP bomb guard: a 196 MP header
+    under a 300 MP limit passes the size checks (its missing pixel data then fails)."""
+    header = srv._png_chunk(b"IHDR", (14000).to_bytes(4, "big") * 2 + bytes([1, 0, 0, 0, 0]))
+    data = b"\x89PNG\r\n\x1a\n" + header + srv._png_chunk(b"IEND", b"")
+    assert failed(prepare_image(data, PAD, ImageLimits(max_pixels=300_000_000))) is E.DECODE_ERROR
+    assert failed(prepare_image(data, PAD, LIMITS)) is E.TOO_MANY_PIXELS

@@ -145,12 +145,7 @@ class ImageLoader:
                 got = Failure.of(ErrorClass.SOURCE_ERROR, f"unexpected {type(exc).__name__}: "
                                                           f"{exc}")
             return (None, got, 1) if isinstance(got, Failure) else (got, None, 1)
-        try:
-            outcome = self._fetcher.fetch(url, cancel=cancel)
-        except Exception as exc:
-            log.warning("unexpected error fetching %s", url, exc_info=exc)
-            return None, Failure.of(ErrorClass.NETWORK_ERROR,
-                                    f"unexpected {type(exc).__name__}: {exc}"), 1
+        outcome = self._fetcher.fetch(url, cancel=cancel)  # never raises; _run catches bugs
         return outcome.data, outcome.failure, max(outcome.attempts, 1)
 
 

@@ -19,6 +19,10 @@ from PIL import Image, UnidentifiedImageError, features
 from recap.errors import ErrorClass, Failure
 from recap.records import ImageSpec
 
+# Pillow's own decompression-bomb guard (a fixed ~179 MP cap) would overrule
+# RECAP_MAX_PIXELS; `check_dimensions` reads the declared size first, before any decoding.
+Image.MAX_IMAGE_PIXELS = None
+
 CLIP_MEAN_RGB = (122, 116, 104)  # LLaVA's expand2square fill: the CLIP image mean, 0-255
 WHITE = (255, 255, 255)
 UNSIZED_MAX_SIDE = 1024  # spec.size None: keep the size, but never more than this side
@@ -107,8 +111,6 @@ def prepare_hashed(data: bytes, sha256: str, spec: ImageSpec, limits: ImageLimit
     width, height = im.size if orientation < 5 else im.size[::-1]
     try:
         image = _decode(im, spec, orientation)
-    except Image.DecompressionBombError as exc:
-        return Failure.of(ErrorClass.TOO_MANY_PIXELS, f"decompression bomb: {exc}")
     except Exception as exc:  # noqa: BLE001 - any decoder error is this item's alone
         return Failure.of(ErrorClass.DECODE_ERROR, f"cannot decode the {im.format} image: {exc}")
     return PreparedImage(image, sha256, width, height)
@@ -139,9 +141,6 @@ def _open(data: bytes) -> Image.Image | Failure:
         return Failure.of(ErrorClass.NOT_IMAGE, "empty body")
     try:
         return Image.open(io.BytesIO(data), formats=READ_FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        # Pillow's own guard, if its limit is below ours: still "too many pixels".
-        return Failure.of(ErrorClass.TOO_MANY_PIXELS, f"declared size too large: {exc}")
     except UnidentifiedImageError:
         return Failure.of(ErrorClass.NOT_IMAGE, f"not an image we read ({_sniff(data)})")
     except Exception as exc:  # noqa: BLE001 - a header Pillow chokes on
