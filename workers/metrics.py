@@ -1,13 +1,15 @@
 """Prometheus metrics of a worker process, served on RECAP_METRICS_PORT (0 = off).
 
 `recap worker` gives each of its worker processes its own port: the base port plus the
-process's index on the host (GPU 0 → base, GPU 1 → base + 1, …).
+GPU's number (GPU 0 → base, GPU 1 → base + 1, …; the CPU worker → base).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import deque
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -28,20 +30,30 @@ BUFFER_DEPTH = Gauge("recap_buffer_depth", "Prepared images waiting for the engi
 
 
 class BusyMeter:
-    """Engine-busy share and images/s over a sliding window, fed once per batch."""
+    """Engine-busy share and images/s over a sliding window, fed once per batch and read
+    when Prometheus scrapes: an idle or starved worker shows its drop, not its last batch."""
 
     def __init__(self, window_s: float = 60.0):
         self.window_s = window_s
-        self.events: list[tuple[float, float, int]] = []  # (end time, busy seconds, images)
+        self.events: deque[tuple[float, float, int]] = deque()  # (end time, busy seconds, images)
+        self._lock = threading.Lock()
+        GPU_BUSY.set_function(lambda: self._rates()[0])
+        IMAGES_PER_SECOND.set_function(lambda: self._rates()[1])
 
     def record(self, busy_s: float, images: int) -> None:
+        with self._lock:
+            self.events.append((time.monotonic(), busy_s, images))
+
+    def _rates(self) -> tuple[float, float]:
+        """(busy share, images per second) over the window, or since the first batch in it."""
         now = time.monotonic()
-        self.events.append((now, busy_s, images))
-        while self.events and self.events[0][0] < now - self.window_s:
-            self.events.pop(0)
-        span = max(now - (self.events[0][0] - self.events[0][1]), 1e-6)
-        GPU_BUSY.set(min(1.0, sum(e[1] for e in self.events) / span))
-        IMAGES_PER_SECOND.set(sum(e[2] for e in self.events) / span)
+        with self._lock:
+            while self.events and self.events[0][0] < now - self.window_s:
+                self.events.popleft()
+            if not self.events:
+                return 0.0, 0.0
+            span = max(now - (self.events[0][0] - self.events[0][1]), 1e-6)
+            return min(1.0, sum(e[1] for e in self.events) / span), sum(e[2] for e in self.events) / span
 
 
 def serve(port: int) -> None:

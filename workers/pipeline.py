@@ -41,6 +41,7 @@ def format_prompt(template: str, org_caption: str | None) -> str:
 
 
 _END = object()
+_STOP_POLL_S = 1.0  # how often a chunk waiting for images checks whether it should stop
 
 
 class _Feed:
@@ -175,7 +176,16 @@ class CaptionPipeline:
         may_leave = max(1, int(count * self.settings.straggler_share))
         while remaining:
             tail = leave_stragglers and remaining <= may_leave
-            loaded = feed.get(timeout=self.settings.straggler_grace_s if tail else None)
+            # With a stop condition, wake up now and then to look at it: a stop must not
+            # wait for a whole batch of slow downloads.
+            poll = _STOP_POLL_S if should_stop else None
+            loaded = feed.get(timeout=self.settings.straggler_grace_s if tail else poll)
+            metrics.BUFFER_DEPTH.set(feed.queue.qsize() + len(batch.ready))
+            if loaded is None and not tail:
+                if should_stop():
+                    self._flush(job, chunk_no, batch, outcome, on_written)
+                    return
+                continue
             if loaded is None:  # only stragglers left, and the engine would wait for them
                 self._flush(job, chunk_no, batch, outcome, on_written)
                 if should_stop and should_stop():
@@ -334,7 +344,6 @@ class _Batch:
         else:
             self.ready.append(loaded)
             metrics.FETCH_SECONDS.observe(loaded.fetch_ms / 1000)
-        metrics.BUFFER_DEPTH.set(len(self.ready))
 
     def full(self, size: int) -> bool:
         return len(self.ready) >= size or len(self.rejected) >= size
