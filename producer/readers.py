@@ -648,21 +648,28 @@ def _readable(name: str) -> Reader | None:
     return reader
 
 
+class _Siblings:
+    """The files of one directory by (stem, extension), built once per directory: a
+    .txt/.json named like an image there is its sidecar, not an input."""
+
+    def __init__(self, names: set[str]):
+        self.by_stem = {(posixpath.splitext(n)[0], posixpath.splitext(n)[1].lower()): n for n in names}
+        self.image_stems = {stem for stem, ext in self.by_stem if ext in IMAGE_EXTENSIONS}
+
+
 def _plan(
     fs: AbstractFileSystem,
     root: str,
     directory: str,
     names: list[str],
-    siblings: set[str],
+    siblings: _Siblings,
     stats: ReadStats,
 ) -> Iterator[Source]:
-    """Sources for `names` (files of one directory, in order). `siblings` is everything in
-    that directory: a .txt/.json named like an image there is its sidecar, not an input."""
-    by_stem = {(posixpath.splitext(n)[0], posixpath.splitext(n)[1].lower()): n for n in siblings}
-    image_stems = {stem for stem, ext in by_stem if ext in IMAGE_EXTENSIONS}
+    """Sources for `names` (files of one directory, in order)."""
+    by_stem = siblings.by_stem
     for name in names:
         stem, ext = posixpath.splitext(name)
-        if ext.lower() in SIDECAR_EXTENSIONS and stem in image_stems:
+        if ext.lower() in SIDECAR_EXTENSIONS and stem in siblings.image_stems:
             continue
         if _readable(name) is None:
             stats.files_skipped[_shown_extension(name)] += 1
@@ -693,7 +700,7 @@ def _walk(
     hidden = [n for n, is_dir in entries.items() if n.startswith(".") and not is_dir]
     if hidden:  # .DS_Store, macOS ._a.jpg; hidden folders (.git, .cache) are pruned
         stats.files_skipped["(hidden)"] += len(hidden)
-    siblings = {n for n, is_dir in entries.items() if not is_dir}
+    siblings = _Siblings({n for n, is_dir in entries.items() if not is_dir})
     # name + "/" for folders sorts "a.txt" before "a/..." as a sorted path listing does.
     for name in sorted(
         (n for n in entries if n and not n.startswith(".")), key=lambda n: n + "/" * entries[n]
@@ -713,7 +720,7 @@ def _files(fs: AbstractFileSystem, paths: list[str], root: str, stats: ReadStats
         siblings = set(names)
         if any(_format_of(n)[0] in IMAGE_EXTENSIONS for n in names):
             siblings |= {posixpath.basename(p) for p in fs.ls(directory, detail=False)}
-        yield from _plan(fs, root, directory, names, siblings, stats)
+        yield from _plan(fs, root, directory, names, _Siblings(siblings), stats)
 
 
 @dataclass(frozen=True)
@@ -746,12 +753,16 @@ def _check_input(raw: str) -> _Input:
     raise InputError(f"input {raw} does not exist")
 
 
-def _sources(inputs: list[str], stats: ReadStats) -> Iterator[Source]:
+def check_inputs(inputs: list[str]) -> list[_Input]:
+    """Every input checked (exists, readable format, a glob matches), none read or walked:
+    a typo in the last one fails the command at once, not after hours on the others."""
     if isinstance(inputs, str):  # a lone string would be read letter by letter
         inputs = [inputs]
-    # Every input is checked before the first is read: a typo in the last one fails the
-    # command at once, not after hours of registering the others.
-    for given in [_check_input(raw) for raw in inputs]:
+    return [_check_input(raw) for raw in inputs]
+
+
+def _sources(inputs: list[str], stats: ReadStats) -> Iterator[Source]:
+    for given in check_inputs(inputs):
         if given.kind == "dir":
             yield from _walk(given.fs, given.path, stats)
         elif given.kind == "file":

@@ -186,10 +186,10 @@ def run(
 
 
 def _check_inputs(inputs: list[str]) -> None:
-    """A missing input is said before any job is created."""
-    from producer.readers import expand_inputs
+    """A missing input is said before any job is created (nothing is read or walked)."""
+    from producer.readers import check_inputs
 
-    expand_inputs(inputs)
+    check_inputs(inputs)
 
 
 def _open_and_register(store, settings, name, model, inputs, columns, limit):
