@@ -8,9 +8,9 @@ from recap.schema import Base
 config = context.config
 url = config.get_main_option("sqlalchemy.url")
 if not url:
-    from recap.db import database_url_or_default
+    from recap.db import database_url_or_default, normalise_url
 
-    url = database_url_or_default()
+    url = normalise_url(database_url_or_default())  # the psycopg 3 driver, as recap uses
 
 
 def run_migrations_offline() -> None:

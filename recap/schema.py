@@ -67,7 +67,8 @@ class Chunk(Base):
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
 
-    __table_args__ = (Index("ix_chunks_job_state", "job_id", "state"),)
+    # chunk_no last: dispatch reads a job's next pending chunks in order (migration 0003).
+    __table_args__ = (Index("ix_chunks_job_state_no", "job_id", "state", "chunk_no"),)
 
 
 class Item(Base):
