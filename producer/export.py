@@ -53,18 +53,32 @@ class ExportStats:
     files: int = 0
 
 
+FORMATS = ("parquet", "jsonl")
+
+
+def export_format(out: str, fmt: str | None) -> str:
+    """The format asked for, else the one `out` ends with, else parquet (a folder of
+    shards); a `.parquet`/`.jsonl` path is one file of that format, never the other."""
+    suffix = next((f for f in FORMATS if out.endswith(f".{f}")), None)
+    fmt = fmt or suffix or "parquet"
+    if fmt not in FORMATS:
+        raise RecapError(f"unknown export format {fmt!r}: use parquet or jsonl")
+    if suffix and suffix != fmt:
+        raise RecapError(f"--out {out} ends in .{suffix} but --format is {fmt}: make them agree")
+    return fmt
+
+
 def export_job(
     store: Store,
     job: JobInfo,
     out: str,
-    fmt: str = "parquet",
+    fmt: str | None = None,
     status: str = "done",
     exclude_flags: Iterable[str] = (),
     rows_per_shard: int = 1_000_000,
     since: datetime | None = None,
 ) -> ExportStats:
-    if fmt not in ("parquet", "jsonl"):
-        raise RecapError(f"unknown export format {fmt!r}: use parquet or jsonl")
+    fmt = export_format(out, fmt)
     if status not in STATUS_CHOICES:
         raise RecapError(f"unknown --status {status!r}: use done, failed or all")
     batches = _export_batches(store, job, STATUS_CHOICES[status], set(exclude_flags), since)

@@ -167,19 +167,19 @@ def run(
 ) -> None:
     """Caption a whole job on this machine: SQLite, no broker, export at the end. Run the
     same command again to resume."""
-    from producer.export import export_job
+    from producer.export import export_format, export_job
     from producer.jobs import derive_job_name
 
     settings = _settings()
     model = model or settings.model
     _check_inputs(inputs)
+    export_format(out_path, fmt)  # a mismatch is said now, not after the captioning
     store = _local_store(create=True)
     name = job or derive_job_name(inputs, settings, model)
     job_info = _open_and_register(
         store, settings, name, model, inputs, _columns(url_col, caption_col, id_col, sha256_col), limit
     )
     _caption_with_progress(settings, store, job_info, model)
-    fmt = fmt or ("jsonl" if out_path.endswith(".jsonl") else "parquet")
     stats = export_job(store, job_info, out_path, fmt=fmt, status=export_status)
     _print_summary(store.job_status(job_info))
     out.print(f"exported {stats.rows} rows to {out_path} (job {name})")
@@ -326,7 +326,7 @@ def _duration(seconds) -> str:
 def export(
     job: Annotated[str, typer.Option(help="Job name.")],
     out_path: Annotated[str, typer.Option("--out", help="Local path or fsspec URL.")],
-    fmt: Annotated[str, typer.Option("--format", help="parquet or jsonl.")] = "parquet",
+    fmt: Annotated[Optional[str], typer.Option("--format", help="parquet or jsonl (default: from --out).")] = None,
     export_status: Annotated[str, typer.Option("--status", help="done, failed or all.")] = "done",
     exclude_flags: Annotated[str, typer.Option(help="Comma-separated quality flags to leave out.")] = "",
     rows_per_shard: Annotated[int, typer.Option(min=1, help="Rows per shard when --out is a folder.")] = 1_000_000,

@@ -53,3 +53,17 @@ def test_status_all_jsonl_and_since(sqlite_url, tmp_path):
     future = datetime.now(timezone.utc) + timedelta(hours=1)
     assert export_job(store, job, str(tmp_path / "none.parquet"), since=future).rows == 0
     assert pq.read_table(tmp_path / "none.parquet").schema.equals(EXPORT_SCHEMA)
+
+
+def test_the_format_follows_the_path_and_a_mismatch_is_refused(sqlite_url, tmp_path):
+    import pytest
+
+    from recap.errors import RecapError
+
+    store, job = _job_with_results(sqlite_url)
+    export_job(store, job, str(tmp_path / "one.jsonl"))  # no format given: from the name
+    assert (tmp_path / "one.jsonl").is_file()
+    assert len((tmp_path / "one.jsonl").read_text().splitlines()) == 3
+    with pytest.raises(RecapError, match="make them agree"):
+        export_job(store, job, str(tmp_path / "two.parquet"), fmt="jsonl")
+    assert not (tmp_path / "two.parquet").exists()
