@@ -32,7 +32,10 @@ def config_files() -> list[Path]:
     files = [resource_path("config") / "recap.toml"]
     extra = os.environ.get("RECAP_CONFIG")
     if extra:
-        files.append(Path(extra).expanduser())
+        path = Path(extra).expanduser()
+        if not path.is_file():  # a typo must not silently run with the defaults
+            raise ValueError(f"RECAP_CONFIG={extra}: no such file")
+        files.append(path)
     return [f for f in files if f.exists()]
 
 

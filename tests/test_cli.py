@@ -177,3 +177,10 @@ def test_worker_metrics_ports_follow_the_gpu_number():
     assert [s.metrics_port for s in worker_specs(["3"], settings)] == [9403]
     assert [s.metrics_port for s in worker_specs([None], settings)] == [9400]
     assert [s.metrics_port for s in worker_specs(["0"], Settings(metrics_port=0))] == [0]
+
+
+def test_a_missing_config_file_is_an_error_not_the_defaults(tmp_path):
+    result = run_cli("status", env={"RECAP_CONFIG": str(tmp_path / "nope.toml"),
+                                    "RECAP_DATABASE_URL": f"sqlite:///{tmp_path}/none.db"})
+    assert result.returncode == 2
+    assert "RECAP_CONFIG" in result.stderr and "no such file" in result.stderr and "Traceback" not in result.stderr
