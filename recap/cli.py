@@ -97,13 +97,12 @@ def _local_store(create: bool = False):
     return Store(url)
 
 
-def _fleet_store(command_name: str, check_schema: bool = True):
+def _fleet_store(command_name: str):
     from recap.db import require_current_schema, require_postgres
     from recap.store import Store
 
     url = require_postgres(_settings().database_url, command_name)
-    if check_schema:
-        require_current_schema(url)
+    require_current_schema(url)
     return Store(url)
 
 
@@ -305,12 +304,12 @@ def _status_view(store, jobs):
         notes.append(f"{s['job']}: model {s['model']}")
         if s["errors"]:
             notes[-1] += "; failures: " + ", ".join(f"{k} {v:,}" for k, v in s["errors"].items())
-    notes += [
-        f"[yellow]lease expiring[/yellow]: chunk {x['chunk_no']} of job {x['job_id']} held by "
-        f"{x['owner']}, {x['expires_in_s']}s left"
-        for x in store.leases()
-        if x["expires_in_s"] < 60
-    ]
+        notes += [
+            f"[yellow]lease expiring[/yellow]: chunk {x['chunk_no']} of job {s['job']} held by "
+            f"{x['owner']}, {x['expires_in_s']}s left"
+            for x in store.leases(job.id)
+            if x["expires_in_s"] < 60
+        ]
     return Group(table, *notes)
 
 
@@ -451,10 +450,11 @@ def worker(
     gpus: Annotated[str, typer.Option(help="all, none (one CPU worker) or a list like 0,1.")] = "all",
 ) -> None:
     """Start worker processes on this host: one per GPU, or one on the CPU."""
+    from recap.db import require_postgres
     from workers.daemon import parse_gpus, run_workers, worker_specs
 
     settings = _settings()
-    _check_schema_unless_unreachable(_fleet_store("worker", check_schema=False).url)
+    _check_schema_unless_unreachable(require_postgres(settings.database_url, "worker"))
     specs = worker_specs(parse_gpus(gpus), settings)
     for spec in specs:
         err.print(f"starting {spec.node_name} on {'GPU ' + spec.gpu if spec.gpu else 'the CPU'}, queue {spec.queue}")
@@ -463,7 +463,7 @@ def worker(
 
 def _check_schema_unless_unreachable(url: str) -> None:
     """Workers start while the database is down (they wait it out), not on an old schema."""
-    from recap.db import require_current_schema
+    from recap.db import get_engine, require_current_schema
     from recap.transient import is_transient
 
     try:
@@ -472,6 +472,8 @@ def _check_schema_unless_unreachable(url: str) -> None:
         if not is_transient(exc):
             raise
         err.print(f"could not check the database schema ({type(exc).__name__}): starting anyway")
+    finally:
+        get_engine(url).dispose()  # the launcher itself keeps no connection open
 
 
 @command(app, "flower")
