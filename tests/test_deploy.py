@@ -202,6 +202,14 @@ def test_every_interpolated_variable_is_documented(raw):
     assert not missing, f"not in docker/.env.example: {missing}"
 
 
+def test_every_recap_setting_documented_for_docker_reaches_a_container(raw):
+    """The other direction: a RECAP_* line in .env.example that compose never passes on
+    would be a knob that silently does nothing."""
+    passed = {key for svc in raw["services"].values() for key in environment(svc)}
+    unused = sorted(n for n in documented(ENV_EXAMPLE) if n.startswith("RECAP_") and n not in passed)
+    assert not unused, f"in docker/.env.example but passed to no container: {unused}"
+
+
 def test_env_example_comments_every_variable_and_holds_no_secret():
     lines = ENV_EXAMPLE.read_text().splitlines()
     assignment = re.compile(r"^#?\s*[A-Za-z_][A-Za-z0-9_]*=")
