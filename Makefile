@@ -1,4 +1,4 @@
-.PHONY: run test venv wheel
+.PHONY: run test venv
 
 run:    ## caption the bundled sample (MODEL=tiny offline, or a real model id)
 	scripts/run-sample.sh

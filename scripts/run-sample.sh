@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 scripts/setup-venv.sh
 . .venv/bin/activate
 MODEL=${MODEL:-tiny}
-PORT=${PORT:-8765}
-python -m http.server "$PORT" --bind 127.0.0.1 --directory examples >/dev/null 2>&1 &
+# examples/urls.txt names this port.
+python -m http.server 8765 --bind 127.0.0.1 --directory examples >/dev/null 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null' EXIT
 sleep 1
