@@ -45,7 +45,11 @@ def register_inputs(
     columns,
     limit: int | None = None,
     on_batch: Callable[[RegisterStats], None] | None = None,
+    read_stats=None,
 ) -> RegisterStats:
+    """Read `inputs` into the job's items; `read_stats` (a `ReadStats`) learns what the
+    readers saw and left out."""
     from producer.readers import read_items
 
-    return store.register_items(job, read_items(inputs, columns), on_batch=on_batch, limit=limit)
+    items = read_items(inputs, columns, stats=read_stats)
+    return store.register_items(job, items, on_batch=on_batch, limit=limit)

@@ -205,12 +205,15 @@ def _open_and_register(store, settings, name, model, inputs, columns, limit):
 
 def _register_with_spinner(store, job, inputs, columns, limit) -> None:
     from producer.jobs import register_inputs
+    from producer.readers import ReadStats
 
+    read = ReadStats()
     with err.status("reading inputs…") as spinner:
         stats = register_inputs(
-            store, job, inputs, columns, limit=limit,
+            store, job, inputs, columns, limit=limit, read_stats=read,
             on_batch=lambda s: spinner.update(f"reading inputs… {s.read:,} read, {s.new:,} new"),
         )
+    err.print(f"read {read.summary()}")  # rows left out are said, with their reasons
     err.print(f"registered {stats.new:,} new items ({stats.duplicates:,} already known or duplicate)")
 
 

@@ -184,3 +184,13 @@ def test_a_missing_config_file_is_an_error_not_the_defaults(tmp_path):
                                     "RECAP_DATABASE_URL": f"sqlite:///{tmp_path}/none.db"})
     assert result.returncode == 2
     assert "RECAP_CONFIG" in result.stderr and "no such file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_rows_left_out_of_an_input_are_said_with_their_reason(tmp_path):
+    urls = tmp_path / "urls.jsonl"
+    urls.write_text('{"url": ""}\n{"url": "http://127.0.0.1:9/a.jpg"}\nnot json\n')
+    result = run_cli("run", str(urls), "--model", "tiny", "--out", str(tmp_path / "o.parquet"), "--limit", "1",
+                     env={"RECAP_DATABASE_URL": f"sqlite:///{tmp_path}/r.db", "RECAP_CACHE_DIR": str(tmp_path / "c"),
+                          "RECAP_FETCH_RETRIES": "0"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "skipped rows:" in result.stderr and "no_url 1" in result.stderr, result.stderr
