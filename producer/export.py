@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 
 from recap.errors import RecapError
+from recap.schema import ITEM_STATUSES
 from recap.store import JobInfo, Store
 from workers.quality import word_count
 
@@ -44,7 +45,7 @@ EXPORT_SCHEMA = pa.schema(
     ]
 )
 EXPORT_COLUMNS = EXPORT_SCHEMA.names
-STATUS_CHOICES = {"done": ["done"], "failed": ["failed"], "all": ["pending", "done", "failed"]}
+STATUS_CHOICES = {"done": ["done"], "failed": ["failed"], "all": list(ITEM_STATUSES)}
 
 
 @dataclass(slots=True)

@@ -121,3 +121,4 @@ class Provenance(Base):
 
 ITEM_STATUSES = ("pending", "done", "failed")
 CHUNK_STATES = ("pending", "queued", "running", "done", "failed")
+UNFINISHED_CHUNK_STATES = CHUNK_STATES[:3]

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 from recap.db import get_engine, normalise_url
 from recap.errors import RecapError
 from recap.records import InputItem, ItemResult
-from recap.schema import Chunk, Item, Job, Provenance
+from recap.schema import CHUNK_STATES, ITEM_STATUSES, UNFINISHED_CHUNK_STATES, Chunk, Item, Job, Provenance
 from recap.transient import retrying
 
 jobs_t = Job.__table__
@@ -508,7 +508,7 @@ class Store:
         per job, since every worker asks this on every feed tick."""
         open_chunks = (
             select(chunks_t.c.job_id)
-            .where(chunks_t.c.job_id == jobs_t.c.id, chunks_t.c.state.in_(["pending", "queued", "running"]))
+            .where(chunks_t.c.job_id == jobs_t.c.id, chunks_t.c.state.in_(UNFINISHED_CHUNK_STATES))
             .exists()
         )
         query = select(jobs_t).where(open_chunks).order_by(jobs_t.c.id.desc())
@@ -768,7 +768,7 @@ class Store:
             ).scalar()
             now = self.now(conn)
             last_write = self._last_write(conn, job.id)
-        chunks = {state: 0 for state in ("pending", "queued", "running", "done", "failed")}
+        chunks = {state: 0 for state in CHUNK_STATES}
         total = done = failed = 0
         for state, n, items, d, f in rows:
             chunks[state] = int(n)
@@ -855,7 +855,7 @@ class Store:
             items_t.c.flags, items_t.c.updated_at,
         ]
         query = select(*columns).where(items_t.c.job_id == job.id)
-        if set(statuses) != {"pending", "done", "failed"}:
+        if set(statuses) != set(ITEM_STATUSES):
             query = query.where(items_t.c.status.in_(statuses))
         if since is not None:
             query = query.where(items_t.c.updated_at >= since)

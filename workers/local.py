@@ -7,11 +7,10 @@ import socket
 from collections.abc import Callable
 
 from recap.records import ItemResult
+from recap.schema import UNFINISHED_CHUNK_STATES
 from recap.settings import Settings
 from recap.store import JobInfo, Store
 from workers.pipeline import CaptionPipeline, ChunkOutcome
-
-UNFINISHED = ("pending", "queued", "running")
 
 
 def local_worker_name() -> str:
@@ -34,7 +33,7 @@ def run_job_locally(
     pipeline = CaptionPipeline(settings, engine, store, worker, loader=loader)
     outcomes = []
     try:
-        for chunk_no in store.chunk_states(job.id, UNFINISHED):
+        for chunk_no in store.chunk_states(job.id, UNFINISHED_CHUNK_STATES):
             claim = store.claim_chunk(
                 job.id, chunk_no, worker, settings.lease_s, settings.chunk_max_attempts, force=True
             )
