@@ -33,12 +33,12 @@ class Dispatcher:
         self._redis = None
 
     def top_up(self, jobs: list[JobInfo] | None = None, model: str | None = None) -> list[DispatchReport]:
-        """Enqueue what each model's queue lacks, up to RECAP_MAX_QUEUED_CHUNKS."""
+        """Enqueue what each model's queue lacks, up to RECAP_MAX_QUEUED_CHUNKS: for `jobs`,
+        or else every unfinished job (of `model`, where given)."""
         jobs = self.store.unfinished_jobs(model) if jobs is None else jobs
         by_model: dict[str, list[int]] = defaultdict(list)
         for job in jobs:
-            if model is None or job.model == model:
-                by_model[job.model].append(job.id)
+            by_model[job.model].append(job.id)
         return [self._top_up_queue(m, ids) for m, ids in by_model.items()]
 
     def _top_up_queue(self, model: str, job_ids: list[int]) -> DispatchReport:

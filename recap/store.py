@@ -463,32 +463,25 @@ class Store:
             )
         return result.rowcount == 1
 
-    @retrying
     def finish_chunk(self, job_id: int, chunk_no: int, owner: str) -> str:
         """Release our lease: `done` when every item is, else back to `pending`."""
+        return self.release_chunk(job_id, chunk_no, owner)
+
+    @retrying
+    def release_chunk(
+        self, job_id: int, chunk_no: int, owner: str, error: str | None = None,
+        count_attempt: bool = True,
+    ) -> str:
+        """Give a chunk back (finished, a crash in the task, or a graceful stop): `done`
+        when every item is, else `pending` to be picked up again. Only the lease owner
+        can; anyone else gets the chunk's state and changes nothing. `count_attempt=False`
+        takes back the attempt its claim counted."""
         with self.writer.begin() as conn:
             chunk = self._lock_chunk(conn, job_id, chunk_no)
             if chunk is None:
                 return "missing"
             if chunk["state"] != "running" or chunk["lease_owner"] != owner:
                 return chunk["state"]  # not ours any more (lease expired and taken): hands off
-            complete = chunk["done_count"] + chunk["failed_count"] >= chunk["item_count"]
-            state = "done" if complete else "pending"
-            self._set_chunk(
-                conn, job_id, chunk_no, state=state, lease_owner=None, lease_expires_at=None
-            )
-        return state
-
-    @retrying
-    def release_chunk(
-        self, job_id: int, chunk_no: int, owner: str, error: str | None = None,
-        count_attempt: bool = True,
-    ) -> None:
-        """Give a chunk back (a crash in the task, or a graceful stop) so it is picked up again."""
-        with self.writer.begin() as conn:
-            chunk = self._lock_chunk(conn, job_id, chunk_no)
-            if chunk is None or chunk["lease_owner"] != owner or chunk["state"] != "running":
-                return
             complete = chunk["done_count"] + chunk["failed_count"] >= chunk["item_count"]
             values: dict = {
                 "state": "done" if complete else "pending",
@@ -500,6 +493,7 @@ class Store:
             if not count_attempt:
                 values["attempts"] = max(0, chunk["attempts"] - 1)
             self._set_chunk(conn, job_id, chunk_no, **values)
+        return values["state"]
 
     # -- dispatch --------------------------------------------------------------------
 
