@@ -39,6 +39,9 @@ class SimulatedEngine:
         self.per_image_s = batch_s / batch_size
         self.busy_s = 0.0
 
+    def image_spec_for(self, image_mode: str) -> ImageSpec:
+        return self.image_spec
+
     def caption(self, images, prompts, generation=None):
         hold = self.per_image_s * len(images)
         time.sleep(hold)

@@ -194,3 +194,29 @@ def test_rows_left_out_of_an_input_are_said_with_their_reason(tmp_path):
                           "RECAP_FETCH_RETRIES": "0"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "skipped rows:" in result.stderr and "no_url 1" in result.stderr, result.stderr
+
+
+def test_a_worker_never_captions_a_job_of_another_model(pg_url, redis_url, tmp_path):
+    """Queues are named by model slug, which two models can share: the job decides."""
+    from sqlalchemy import text
+
+    from recap.db import get_engine
+    from recap.records import InputItem
+    from recap.settings import Settings
+    from recap.store import ChunkRef, Store
+    from workers.runtime import WorkerRuntime
+
+    store = Store(pg_url)
+    job = store.ensure_job("other", "org/model", "describe", {}, 2)
+    store.register_items(job, [[InputItem("k0", "http://127.0.0.1/0")]])
+    runtime = WorkerRuntime(Settings(database_url=pg_url, broker_url=redis_url, model="org--model",
+                                     cache_dir=tmp_path, feed_interval_s=3600))
+    try:
+        assert runtime.handle_chunk(ChunkRef(job.id, 0)).startswith("skipped")
+    finally:
+        runtime.close()
+    assert runtime._pipeline is None
+    with get_engine(pg_url).connect() as conn:
+        attempts, owner = conn.execute(text("SELECT attempts, lease_owner FROM chunks WHERE job_id = :j"),
+                                       {"j": job.id}).one()
+    assert (attempts, owner) == (0, None)

@@ -141,7 +141,7 @@ def test_image_spec_follows_the_processor(engines, model_dirs):
 def test_oom_halves_the_batch_and_remembers_the_size(model_dirs, settings, engines):
     seen: list[int] = []
 
-    def oom_above_two(batch_size: int) -> None:
+    def oom_above_two(batch_size: int, _images) -> None:
         seen.append(batch_size)
         if batch_size > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
@@ -159,7 +159,7 @@ def test_oom_halves_the_batch_and_remembers_the_size(model_dirs, settings, engin
 
 
 def test_oom_at_batch_size_one_fails_the_item_not_the_call(model_dirs, settings):
-    def always_oom(batch_size: int) -> None:
+    def always_oom(batch_size: int, _images) -> None:
         raise RuntimeError("CUDA out of memory (injected)")
 
     engine = TransformersEngine(model_dirs["llava"], settings, is_tiny=True, fault_injector=always_oom)
@@ -317,7 +317,7 @@ def test_generation_settings_are_honoured(model_dirs):
 def test_a_broken_device_raises_instead_of_failing_every_item(model_dirs, settings):
     from workers.engine import EngineFatalError
 
-    def broken_gpu(batch_size: int) -> None:
+    def broken_gpu(batch_size: int, _images) -> None:
         raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
 
     engine = TransformersEngine(model_dirs["llava"], settings, fault_injector=broken_gpu)

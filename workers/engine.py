@@ -13,7 +13,6 @@ an `inference_error` caption while its neighbours are captioned.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import re
 import json
@@ -21,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from recap.errors import ErrorClass, Failure
 from recap.records import Caption, ImageSpec
@@ -51,16 +50,15 @@ _FATAL_MARKERS = ("CUDA error", "device-side assert", "CUBLAS_STATUS_EXECUTION_F
 _OOM_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
 COMPILE_PAD_MULTIPLE = 64  # RECAP_COMPILE: prompts padded to a multiple of this many tokens
 
-FaultInjector = Callable[..., None]
-"""Test hook called before each forward with the batch size (and, if it takes two
-positional arguments, the batch's images); it may raise to simulate a failure."""
+FaultInjector = Callable[[int, list], None]
+"""Test hook called before each forward with the batch size and the batch's images; it
+may raise to simulate a failure."""
 
 
 class EngineFatalError(RuntimeError):
     """The device is unusable (e.g. a CUDA error): stop the worker, blame no item."""
 
 
-@runtime_checkable
 class CaptionEngine(Protocol):
     """What the pipeline needs from an engine."""
 
@@ -71,12 +69,17 @@ class CaptionEngine(Protocol):
     provenance: dict
     is_tiny: bool
 
-    def caption(self, images: list[Image], prompts: list[str]) -> list[Caption]:
-        """Exactly one Caption per image, in order.
+    def caption(self, images: list[Image], prompts: list[str], generation: dict | None = None) -> list[Caption]:
+        """Exactly one Caption per image, in order; `generation` is the job's recorded
+        generation settings (None: the worker's own).
 
         A bad item gets a Caption with finish_reason "error" and its Failure; the call
         raises only when the device itself is unusable (EngineFatalError).
         """
+        ...
+
+    def image_spec_for(self, image_mode: str) -> ImageSpec:
+        """What images must look like for a job of that image mode (pad or crop)."""
         ...
 
 
@@ -141,14 +144,12 @@ class TransformersEngine:
         settings: Settings,
         *,
         model_id: str,
-        revision: str | None = None,
         is_tiny: bool = False,
-        fault_injector: FaultInjector | None = None,
     ) -> TransformersEngine:
-        """An engine over a model and processor already in memory (benchmarks, tests)."""
+        """An engine over a model and processor already in memory (the benchmark)."""
         processor.tokenizer.padding_side = "left"
         engine = cls.__new__(cls)
-        engine._setup(model.eval(), processor, settings, model_id, revision, is_tiny, fault_injector)
+        engine._setup(model.eval(), processor, settings, model_id, None, is_tiny, None)
         return engine
 
     def _setup(self, model, processor, settings, model_id, revision, is_tiny, fault_injector) -> None:
@@ -165,7 +166,7 @@ class TransformersEngine:
         self.family = str(model.config.model_type)
         # A tiny model says so in its config, whoever loads it and from wherever.
         self.is_tiny = is_tiny or bool(getattr(model.config, "recap_tiny", False))
-        self._inject = _adapt_injector(fault_injector)
+        self._inject = fault_injector
         _repair_processor(processor, model.config)
         self._end_ids = _setup_tokens(self.tokenizer, model)
         self._end_ids_cpu = torch.tensor(self._end_ids, dtype=torch.long)
@@ -562,20 +563,6 @@ def _default_batch_size(family: str, device, is_tiny: bool) -> int:
 # -- small helpers -------------------------------------------------------------------
 
 
-def _adapt_injector(injector: FaultInjector | None) -> Callable[[int, list], None] | None:
-    if injector is None:
-        return None
-    try:
-        params = inspect.signature(injector).parameters.values()
-        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
-        takes_images = len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in positional)
-    except (TypeError, ValueError):
-        takes_images = False
-    if takes_images:
-        return injector
-    return lambda size, images: injector(size)
-
-
 def _one_line(error: BaseException) -> str:
     return " ".join(f"{type(error).__name__}: {error}".split())[:300]
 
@@ -593,27 +580,28 @@ def tiny_family(model: str) -> str | None:
     return TINY_MODELS.get(model)
 
 
-def load_engine(settings: Settings, model: str | None = None, **engine_kwargs: Any) -> CaptionEngine:
+def load_engine(settings: Settings, model: str | None = None) -> CaptionEngine:
     """The engine for `model` (default `settings.model`).
 
     "tiny" (or "tiny-llava", "tiny-llava-next", "tiny-mllama") is a tiny random model built
     into `settings.cache_dir` on first use; a local directory is loaded as it is; anything
-    else is a hub id loaded at `settings.model_revision`.
+    else is a hub id loaded at `settings.model_revision`. A tiny model says so in its
+    config (`recap_tiny`), wherever it is loaded from.
     """
     from transformers.utils import logging as hf_logging
 
-    from workers.tiny_model import ensure_tiny_model, is_tiny_model_dir
+    from workers.tiny_model import ensure_tiny_model
 
     hf_logging.disable_progress_bar()  # recap draws its own; tqdm bars garble worker logs
     name = model or settings.model
     family = tiny_family(name)
     if family is not None:
         path = ensure_tiny_model(settings.cache_dir, family)  # type: ignore[arg-type]
-        return TransformersEngine(path, settings, model_id=name, is_tiny=True, **engine_kwargs)
+        return TransformersEngine(path, settings, model_id=name)
     local = Path(name).expanduser()
     if local.is_dir():
-        return TransformersEngine(local, settings, model_id=name, is_tiny=is_tiny_model_dir(local), **engine_kwargs)
-    return TransformersEngine(name, settings, model_id=name, revision=settings.model_revision, **engine_kwargs)
+        return TransformersEngine(local, settings, model_id=name)
+    return TransformersEngine(name, settings, model_id=name, revision=settings.model_revision)
 
 
 __all__ = [

@@ -10,7 +10,7 @@ from recap.records import ItemResult
 from recap.schema import UNFINISHED_CHUNK_STATES
 from recap.settings import Settings
 from recap.store import JobInfo, Store
-from workers.pipeline import CaptionPipeline, ChunkOutcome
+from workers.pipeline import CaptionPipeline
 
 
 def local_worker_name() -> str:
@@ -24,14 +24,13 @@ def run_job_locally(
     engine,
     on_written: Callable[[list[ItemResult]], None] | None = None,
     loader=None,
-) -> list[ChunkOutcome]:
+) -> None:
     """Caption every unfinished chunk. This process owns the database, so it takes over
     chunks left `running` by a killed earlier run (`force`). `loader` replaces the image
     loader (the pipeline benchmark's fetch-then-caption baseline)."""
     worker = local_worker_name()
     store.set_model_revision(job.id, engine.revision)
     pipeline = CaptionPipeline(settings, engine, store, worker, loader=loader)
-    outcomes = []
     try:
         for chunk_no in store.chunk_states(job.id, UNFINISHED_CHUNK_STATES):
             claim = store.claim_chunk(
@@ -45,9 +44,7 @@ def run_job_locally(
                 store.release_chunk(job.id, chunk_no, worker, count_attempt=False)
                 raise
             if not outcome.left_to_finisher:
-                outcome.state = store.finish_chunk(job.id, chunk_no, worker)
-            outcomes.append(outcome)
+                store.finish_chunk(job.id, chunk_no, worker)
         pipeline.drain()  # the stragglers of the last chunks
     finally:
         pipeline.close()
-    return outcomes

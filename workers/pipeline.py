@@ -29,7 +29,6 @@ class ChunkOutcome:
     chunk_no: int
     done: int = 0
     failed: int = 0
-    state: str = "running"
     # Items still loading when the rest of the chunk was written: a background finisher
     # captions them, writes them and finishes the chunk (`CaptionPipeline.finishers`).
     left_to_finisher: int = 0
@@ -113,7 +112,7 @@ class CaptionPipeline:
         self.worker = worker
         self.loader = loader or ImageLoader(settings, engine.image_spec)
         self._loaders = {engine.image_spec: self.loader}  # one per image preparation
-        self.batch_size = settings.batch_size or engine.default_batch_size
+        self.batch_size = engine.default_batch_size  # RECAP_BATCH_SIZE, else the model's
         self._provenance: int | None = None
         self.busy = metrics.BusyMeter()
         self.engine_lock = threading.Lock()  # the finishers share the engine
@@ -130,7 +129,7 @@ class CaptionPipeline:
     def _loader_for(self, job: JobInfo):
         """Images prepared as the job's recorded image mode asks (pad or crop)."""
         mode = (job.generation or {}).get("image_mode")
-        if not mode or not hasattr(self.engine, "image_spec_for"):
+        if not mode:
             return self.loader
         spec = self.engine.image_spec_for(mode)
         if spec not in self._loaders:

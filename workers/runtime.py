@@ -63,9 +63,13 @@ class WorkerRuntime:
             self.top_up()
 
     def _handle_chunk(self, ref: ChunkRef) -> str:
-        pipeline = self.pipeline()
         s = self.settings
         job = self.store.job_by_id(ref.job_id)  # before the claim: a failure here costs nothing
+        if job.model != s.model:  # queue names are model slugs, and two models may share one
+            log.warning("chunk %s/%s is for model %s, this worker serves %s: skipped",
+                        ref.job_id, ref.chunk_no, job.model, s.model)
+            return f"skipped: the job's model is {job.model}"
+        pipeline = self.pipeline()
         if pipeline.is_finishing(ref.job_id, ref.chunk_no):
             return "skipped: its stragglers are being finished here"
         claim = self.store.claim_chunk(ref.job_id, ref.chunk_no, self.name, s.lease_s, s.chunk_max_attempts)

@@ -18,7 +18,6 @@ The weights are shaped so that tests are steady:
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import tempfile
@@ -108,8 +107,7 @@ def train_tokenizer(image_token: str = "<image>"):
         show_progress=False,
     )
     tok.train_from_iterator([_CORPUS] * 4, trainer)
-    specials = [BOS, EOS, HEADER_START, HEADER_END, EOT, PYTHON_TAG, image_token, PAD]
-    tok.add_special_tokens(specials)  # after training: at the end of the vocabulary, as Llama-3
+    tok.add_special_tokens(special_tokens(image_token))  # after training: at the end of the vocabulary, as Llama-3
     bos_id = tok.token_to_id(BOS)
     # Like Llama-3: BOS on every encoded text (the chat template path turns it off).
     tok.post_processor = processors.TemplateProcessing(
@@ -123,6 +121,11 @@ def train_tokenizer(image_token: str = "<image>"):
         padding_side="left",
         extra_special_tokens={"image_token": image_token},
     )
+
+
+def special_tokens(image_token: str) -> list[str]:
+    """Llama-3's special tokens that the tiny tokenizer has, and the family's image token."""
+    return [BOS, EOS, HEADER_START, HEADER_END, EOT, PYTHON_TAG, image_token, PAD]
 
 
 def _vision_text_configs(vocab: int, ids: dict[str, int]):
@@ -248,8 +251,7 @@ def make_tiny_model(family: Family = "llava", seed: int = 0):
     with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
         torch.manual_seed(seed)
         tokenizer = train_tokenizer(IMAGE_TOKEN[family])
-        special = [BOS, EOS, HEADER_START, HEADER_END, EOT, PYTHON_TAG, IMAGE_TOKEN[family], PAD]
-        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special_tokens(IMAGE_TOKEN[family])}
         if family == "mllama":
             model, processor = _mllama(tokenizer, ids)
         else:
@@ -280,7 +282,6 @@ def build_tiny_model(out_dir: Path, family: Family = "llava", seed: int = 0) -> 
 
 
 def _write_note(out_dir: Path, family: Family, seed: int) -> None:
-    (out_dir / "recap_tiny.json").write_text(json.dumps({"family": family, "seed": seed}))
     (out_dir / TINY_NOTE).write_text(
         f"# recap tiny model ({family}, seed {seed})\n\n"
         "Random weights, built in code by `workers.tiny_model.build_tiny_model` for tests and\n"
