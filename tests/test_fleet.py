@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.support.fleet import REPO, Fleet, wait_until
+from tests.support.pg_cluster import free_port
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -319,13 +320,10 @@ def test_sigterm_finishes_the_batch_gives_the_chunk_back_and_exits(fleet, contro
 
 def test_flower_refuses_anonymous_api_calls_and_shows_the_workers(fleet, control_app):
     import base64
-    import socket
     import urllib.error
     import urllib.request
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     fleet.start_worker()
     nodes = fleet.wait_ready(control_app, 1)
     log = open(fleet.log_dir / "flower.log", "wb")
@@ -360,12 +358,9 @@ def test_flower_refuses_anonymous_api_calls_and_shows_the_workers(fleet, control
 
 
 def test_worker_serves_prometheus_metrics_during_a_run(fleet, control_app, pg_url, image_server, tmp_path):
-    import socket
     import urllib.request
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     path = write_urls(tmp_path, good_urls(image_server, 40) + [image_server.url("/status/404")])
     # The local server trusts any password: a secret in the URL must appear nowhere.
     fleet.env["RECAP_DATABASE_URL"] = pg_url.replace("postgres@", "postgres:pg-secret-4711@")
@@ -390,16 +385,13 @@ def test_redis_restarted_empty_mid_run_workers_reconnect_and_finish(fleet, pg_ur
     """A Redis of our own (restarting the shared one would cut other tests): stopped mid-run
     and started again empty; the workers reconnect and the fleet refeeds itself."""
     import shutil
-    import socket
 
     from recap.settings import Settings
     from workers.celery_app import make_app
 
     if not shutil.which("redis-server"):
         pytest.skip("redis-server is not installed here")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
 
     def start_redis():
         return subprocess.Popen(
