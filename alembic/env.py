@@ -1,8 +1,8 @@
 """Alembic environment: the URL comes from recap's settings (or the caller's config)."""
 
-from alembic import context
 from sqlalchemy import create_engine, pool
 
+from alembic import context
 from recap.schema import Base
 
 config = context.config

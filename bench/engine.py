@@ -101,11 +101,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=2, help="timed batches per batch size")
     p.add_argument("--naive-images", type=int, default=8, help="images for the baseline (default 8; 0: none)")
     p.add_argument("--device", default=None, help="default cuda (cpu with --tiny)")
-    p.add_argument("--compile", action="store_true",
-                   help="static KV cache + torch.compile (RECAP_COMPILE); the naive loop stays eager")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="static KV cache + torch.compile (RECAP_COMPILE); the naive loop stays eager",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args(argv)
-    args.batch_sizes = [int(b) for b in (args.batch_sizes or ("1,4,8" if args.tiny else "1,16,32,64,128")).split(",")]
+    args.batch_sizes = [
+        int(b) for b in (args.batch_sizes or ("1,4,8" if args.tiny else "1,16,32,64,128")).split(",")
+    ]
     args.new_tokens = args.new_tokens or (16 if args.tiny else 96)
     args.device = args.device or ("cpu" if args.tiny else "cuda")
     return args
@@ -134,7 +139,10 @@ def build_full_model(device):
     from workers.tiny_model import IMAGE_TOKEN, PAD, chat_template, train_tokenizer
 
     tokenizer = train_tokenizer(IMAGE_TOKEN["llava"])
-    image_id, pad_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN["llava"]), tokenizer.convert_tokens_to_ids(PAD)
+    image_id, pad_id = (
+        tokenizer.convert_tokens_to_ids(IMAGE_TOKEN["llava"]),
+        tokenizer.convert_tokens_to_ids(PAD),
+    )
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(**VISION_SHAPES),
         text_config=LlamaConfig(pad_token_id=pad_id, **TEXT_SHAPES),
@@ -231,7 +239,7 @@ def gpu_busy_share(fn, device) -> float | None:
             for e in prof.profiler.kineto_results.events()
             if e.device_type() == torch.autograd.DeviceType.CUDA
         )
-    except Exception as error:  # noqa: BLE001 - a profiler API change must not end the bench
+    except Exception as error:
         print(f"  (GPU-busy share unavailable: {error})", file=sys.stderr)
         return None
     busy, end = 0, None
@@ -251,7 +259,9 @@ def bench_batch_size(engine, images, bs: int, args) -> Row:
     device = engine.device
     engine.max_fit = bs
     prompts = [PROMPT] * len(images)
-    _, warm_up = timed(lambda: engine.caption(images[:bs], prompts[:bs]), device)  # kernels, caches, compiling
+    _, warm_up = timed(
+        lambda: engine.caption(images[:bs], prompts[:bs]), device
+    )  # kernels, caches, compiling
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     n = bs * args.batches
@@ -261,7 +271,9 @@ def bench_batch_size(engine, images, bs: int, args) -> Row:
     first.max_new_tokens = first.min_new_tokens = 1
     with torch.inference_mode():
         _, prefill = timed(lambda: engine.model.generate(**inputs, generation_config=first), device)
-        _, full = timed(lambda: engine.model.generate(**inputs, generation_config=engine.generation_config), device)
+        _, full = timed(
+            lambda: engine.model.generate(**inputs, generation_config=engine.generation_config), device
+        )
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     busy = gpu_busy_share(lambda: engine.caption(images[:bs], prompts[:bs]), device)
     decode = max(0.0, full - prefill)
@@ -296,7 +308,9 @@ def bench_naive(model, processor, images, args) -> dict:
     }
 
     def one(image) -> str:
-        conversation = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": PROMPT}]}]
+        conversation = [
+            {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": PROMPT}]}
+        ]
         inputs = processor.apply_chat_template(
             conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
         ).to(device)
@@ -326,7 +340,8 @@ TABLE_HEADER = (
 
 def table_row(r: Row) -> str:
     return (
-        f"{r.batch_size:>5} {r.batch_size_used:>4} {r.images:>6} {r.images_per_s:>8.2f} {r.preprocess_s:>7.3f} "
+        f"{r.batch_size:>5} {r.batch_size_used:>4} {r.images:>6} {r.images_per_s:>8.2f} "
+        f"{r.preprocess_s:>7.3f} "
         f"{r.prefill_s:>9.3f} {r.decode_s:>8.3f} {r.decode_ms_per_step:>7.2f} "
         f"{fmt(r.peak_mem_gib, '8.1f'):>8} {fmt(r.gpu_busy, '8.0%'):>8} {r.warm_up_s:>9.1f}"
     )
@@ -351,7 +366,9 @@ def print_table(rows: list[Row], naive: dict | None, header: str) -> None:
 def save(path: Path | None, header: str, rows: list[Row], naive: dict | None) -> None:
     """After every measurement: a run cut short by its time limit keeps what it measured."""
     if path:
-        path.write_text(json.dumps({"header": header, "rows": [asdict(r) for r in rows], "naive": naive}, indent=2))
+        path.write_text(
+            json.dumps({"header": header, "rows": [asdict(r) for r in rows], "naive": naive}, indent=2)
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,7 +58,9 @@ def timed_child(argv: list[str], env: dict) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=1_000_000)
     args = parser.parse_args()
     admin = os.environ.get("RECAP_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -76,22 +78,52 @@ def main() -> None:
         conn.execute(sa.text("DROP DATABASE IF EXISTS recap_bench WITH (FORCE)"))
         conn.execute(sa.text("CREATE DATABASE recap_bench"))
     url = admin.rsplit("/", 1)[0] + "/recap_bench"
-    env = {**os.environ, "RECAP_DATABASE_URL": url, "RECAP_BROKER_URL": "redis://127.0.0.1:6379/15",
-           "RECAP_MODEL": "tiny", "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "RECAP_DATABASE_URL": url,
+        "RECAP_BROKER_URL": "redis://127.0.0.1:6379/15",
+        "RECAP_MODEL": "tiny",
+        "PYTHONPATH": str(REPO),
+    }
     py = [sys.executable, "-m"]
     subprocess.run([*py, "recap.cli", "db", "upgrade"], env=env, check=True, capture_output=True)
 
     read_code = (
         "from producer.readers import read_items, ColumnOptions\n"
-        f"n = sum(len(b) for b in read_items([{str(data)!r}], ColumnOptions(id_col='uid', sha256_col='sha256')))\n"
+        f"columns = ColumnOptions(id_col='uid', sha256_col='sha256')\n"
+        f"n = sum(len(b) for b in read_items([{str(data)!r}], columns))\n"
         f"assert n == {args.rows}, n\n"
     )
     read_s, read_rss = timed_child([sys.executable, "-c", read_code], env)
     submit_s, submit_rss = timed_child(
-        [*py, "recap.cli", "submit", str(data), "--job", "bench", "--id-col", "uid", "--sha256-col", "sha256"], env
+        [
+            *py,
+            "recap.cli",
+            "submit",
+            str(data),
+            "--job",
+            "bench",
+            "--id-col",
+            "uid",
+            "--sha256-col",
+            "sha256",
+        ],
+        env,
     )
     again_s, _ = timed_child(
-        [*py, "recap.cli", "submit", str(data), "--job", "bench", "--id-col", "uid", "--sha256-col", "sha256"], env
+        [
+            *py,
+            "recap.cli",
+            "submit",
+            str(data),
+            "--job",
+            "bench",
+            "--id-col",
+            "uid",
+            "--sha256-col",
+            "sha256",
+        ],
+        env,
     )
     export_s, export_rss = timed_child(
         [*py, "recap.cli", "export", "--job", "bench", "--status", "all", "--out", str(work / "export")], env
@@ -105,8 +137,11 @@ def main() -> None:
         conn.execute(sa.text("DROP DATABASE IF EXISTS recap_bench WITH (FORCE)"))
     rate = args.rows / submit_s
     print(f"read only (baseline):   {args.rows / read_s:>9,.0f} rows/s, peak RSS {read_rss:.0f} MiB")
-    print(f"recap submit:           {rate:>9,.0f} rows/s, peak RSS {submit_rss:.0f} MiB "
-          f"({rate / (args.rows / read_s):.2f}x the read-only rate; a billion rows in {1e9 / rate / 3600:.1f} h)")
+    print(
+        f"recap submit:           {rate:>9,.0f} rows/s, peak RSS {submit_rss:.0f} MiB "
+        f"({rate / (args.rows / read_s):.2f}x the read-only rate; "
+        f"a billion rows in {1e9 / rate / 3600:.1f} h)"
+    )
     print(f"recap submit again:     {args.rows / again_s:>9,.0f} rows/s (all duplicates, nothing added)")
     print(f"recap export (parquet): {args.rows / export_s:>9,.0f} rows/s, peak RSS {export_rss:.0f} MiB")
     print(f"recap status --json:    {status_s:.2f} s (process start included)")

@@ -19,10 +19,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recap.records import Caption, ImageSpec  # noqa: E402
+from recap.records import Caption, ImageSpec
 
 
 class SimulatedEngine:
@@ -32,7 +33,7 @@ class SimulatedEngine:
     revision = None
     is_tiny = False
     image_spec = ImageSpec(336, "pad")
-    provenance = {"engine": "simulated"}
+    provenance: ClassVar[dict] = {"engine": "simulated"}
 
     def __init__(self, batch_size: int, batch_s: float):
         self.default_batch_size = batch_size
@@ -83,8 +84,12 @@ def run_variant(name: str, urls: list[str], args, overlap: bool) -> dict:
     from workers.local import run_job_locally
 
     settings = Settings(
-        chunk_size=args.chunk_size, batch_size=args.batch_size, fetch_timeout_s=args.deadline_s,
-        fetch_retries=0, fetch_concurrency=args.concurrency, fetch_allow_cidrs=["127.0.0.1/32"],
+        chunk_size=args.chunk_size,
+        batch_size=args.batch_size,
+        fetch_timeout_s=args.deadline_s,
+        fetch_retries=0,
+        fetch_concurrency=args.concurrency,
+        fetch_allow_cidrs=["127.0.0.1/32"],
     )
     db = Path(tempfile.mkdtemp()) / "bench.db"
     upgrade(f"sqlite:///{db}")
@@ -104,14 +109,20 @@ def run_variant(name: str, urls: list[str], args, overlap: bool) -> dict:
     status = store.job_status(job)
     done = status["items"]["done"]
     return {
-        "name": name, "wall_s": wall, "done": done, "failed": status["items"]["failed"],
-        "busy": engine.busy_s / wall, "images_per_s": done / wall,
+        "name": name,
+        "wall_s": wall,
+        "done": done,
+        "failed": status["items"]["failed"],
+        "busy": engine.busy_s / wall,
+        "images_per_s": done / wall,
         "ideal_per_s": 1 / engine.per_image_s,
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -128,14 +139,18 @@ def main() -> None:
     server.start()
     base = ports.get(timeout=30)
     urls = make_urls(base, args.chunks * args.chunk_size, args.bad_share, args.deadline_s)
-    print(f"{len(urls)} URLs ({args.bad_share:.0%} failing or hanging {args.deadline_s}s), "
-          f"{args.latency_ms:.0f} ms latency, engine {args.batch_s}s per {args.batch_size} images")
+    print(
+        f"{len(urls)} URLs ({args.bad_share:.0%} failing or hanging {args.deadline_s}s), "
+        f"{args.latency_ms:.0f} ms latency, engine {args.batch_s}s per {args.batch_size} images"
+    )
     results = [run_variant("overlap", urls, args, True), run_variant("fetch-then-caption", urls, args, False)]
     server.terminate()
     for r in results:
-        print(f"{r['name']:>20}: {r['images_per_s']:6.1f} images/s ({r['images_per_s'] / r['ideal_per_s']:.0%} "
-              f"of the engine-bound {r['ideal_per_s']:.1f}/s), engine busy {r['busy']:.0%}, "
-              f"{r['done']} done, {r['failed']} failed, {r['wall_s']:.1f}s")
+        print(
+            f"{r['name']:>20}: {r['images_per_s']:6.1f} images/s ({r['images_per_s'] / r['ideal_per_s']:.0%} "
+            f"of the engine-bound {r['ideal_per_s']:.1f}/s), engine busy {r['busy']:.0%}, "
+            f"{r['done']} done, {r['failed']} failed, {r['wall_s']:.1f}s"
+        )
     print(f"overlap / fetch-then-caption: {results[0]['images_per_s'] / results[1]['images_per_s']:.2f}x")
 
 

@@ -84,7 +84,9 @@ def local_processes(proc: Path = Path("/proc")) -> list[tuple[int, list[str]]]:
         except OSError:  # the process ended meanwhile, or is not ours to read
             continue
         if raw:
-            found.append((int(entry.name), [part.decode(errors="replace") for part in raw.rstrip(b"\0").split(b"\0")]))
+            found.append(
+                (int(entry.name), [part.decode(errors="replace") for part in raw.rstrip(b"\0").split(b"\0")])
+            )
     return found
 
 
@@ -108,14 +110,18 @@ def check(timeout: float, host: str) -> tuple[bool, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--timeout", type=float, default=5.0,
-                        help="seconds to wait for ping replies (default 5)")
-    parser.add_argument("--host", default=socket.gethostname(),
-                        help="host part of the node names to expect (default: this hostname)")
+    parser.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for ping replies (default 5)"
+    )
+    parser.add_argument(
+        "--host",
+        default=socket.gethostname(),
+        help="host part of the node names to expect (default: this hostname)",
+    )
     args = parser.parse_args(argv)
     try:
         ok, message = check(args.timeout, args.host)
-    except Exception as exc:  # noqa: BLE001 - broker unreachable, bad URL: unhealthy, in one line
+    except Exception as exc:
         ok, message = False, f"unhealthy: {type(exc).__name__}: {' '.join(str(exc).split())}"
     print(message, flush=True)
     return 0 if ok else 1

@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow as pa
 
 from recap.errors import RecapError
+from recap.quality import word_count
 from recap.schema import ITEM_STATUSES
 from recap.store import JobInfo, Store
-from workers.quality import word_count
 
 EXPORT_SCHEMA = pa.schema(
     [
@@ -119,7 +119,9 @@ class _ProvenanceLookup:
         missing = set(ids) - self.known.keys()
         if missing:
             found = self.store.provenances(missing)
-            self.known.update({i: json.dumps(found[i], sort_keys=True) if i in found else None for i in missing})
+            self.known.update(
+                {i: json.dumps(found[i], sort_keys=True) if i in found else None for i in missing}
+            )
         return [self.known[i] for i in ids]
 
 
@@ -163,7 +165,7 @@ def _utc(value) -> datetime | None:
         return None
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class _ShardWriter:

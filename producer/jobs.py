@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Callable
 
+from recap.models import model_slug
 from recap.settings import Settings
 from recap.store import JobInfo, RegisterStats, Store
-from workers.engine import TINY_MODELS as TINY_ALIASES  # noqa: F401  (imports no torch)
-
-
-def model_slug(model: str) -> str:
-    """A queue- and name-safe form of a model id: `xtuner/llava-llama-3-8b` → `xtuner--llava-llama-3-8b`."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model.replace("/", "--")).strip("-")
-    return slug[-120:] or "model"
 
 
 def derive_job_name(inputs: list[str], settings: Settings, model: str) -> str:

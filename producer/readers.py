@@ -259,9 +259,7 @@ def _require(names: list[str], wanted: str, flag: str, where: str) -> str:
         listed = ", ".join(names[:MAX_LISTED_COLUMNS])
         if len(names) > MAX_LISTED_COLUMNS:
             listed += f", ... ({len(names)} in all)"
-        raise InputError(
-            f"input {where} has no column {wanted!r} (columns: {listed or 'none'}); pass {flag}"
-        )
+        raise InputError(f"input {where} has no column {wanted!r} (columns: {listed or 'none'}); pass {flag}")
     return found
 
 
@@ -500,7 +498,7 @@ def read_image(src: Source, options: ColumnOptions, stats: ReadStats, batch_rows
         else:
             meta = _sidecar_json(data, stats)
     key = posixpath.relpath(src.path, src.root) if src.root else posixpath.basename(src.path)
-    url = Path(src.path).as_uri() if src.is_local else src.location  # quoted: '#', '?', '%' 
+    url = Path(src.path).as_uri() if src.is_local else src.location  # quoted: '#', '?', '%'
     stats.rows_read += 1
     yield [_image_item(key, url, txt, meta, options, key_field=None)]
 
@@ -578,9 +576,7 @@ def _add_member(
             sample.meta = _sidecar_json(data, stats)
 
 
-def _shard_item(
-    shard: str, sample: _Sample, options: ColumnOptions, stats: ReadStats
-) -> InputItem | None:
+def _shard_item(shard: str, sample: _Sample, options: ColumnOptions, stats: ReadStats) -> InputItem | None:
     if sample.image is None:
         stats.skip(NO_IMAGE)
         return None
@@ -741,8 +737,7 @@ def _check_input(raw: str) -> _Input:
     if fs.isfile(path):
         if _readable(path) is None:
             raise InputError(
-                f"input {raw}: unsupported format {_shown_extension(path)} "
-                f"(supported: {supported_formats()})"
+                f"input {raw}: unsupported format {_shown_extension(path)} (supported: {supported_formats()})"
             )
         return _Input(raw, fs, path, "file")
     if _has_magic(path):

@@ -7,8 +7,9 @@ import functools
 import json
 import sys
 import time
+from datetime import UTC
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -68,7 +69,11 @@ def _unreachable(exc: BaseException) -> str | None:
     from sqlalchemy.exc import DBAPIError
 
     if isinstance(exc, DBAPIError):
-        first = str(exc.orig or exc).strip().splitlines()[0] if str(exc.orig or exc).strip() else type(exc).__name__
+        first = (
+            str(exc.orig or exc).strip().splitlines()[0]
+            if str(exc.orig or exc).strip()
+            else type(exc).__name__
+        )
         return f"cannot reach the database: {first}"
     return f"cannot reach the broker: {type(exc).__name__}: {exc}"
 
@@ -109,15 +114,15 @@ def _fleet_store(command_name: str):
 # Column options shared by `run` and `submit`.
 UrlCol = Annotated[str, typer.Option(help="Column holding the image URL.")]
 CaptionCol = Annotated[
-    Optional[str], typer.Option(help="Column holding the original caption (default: text, else caption).")
+    str | None, typer.Option(help="Column holding the original caption (default: text, else caption).")
 ]
-IdCol = Annotated[Optional[str], typer.Option(help="Column holding the item key (default: sha256 of the URL).")]
-ShaCol = Annotated[Optional[str], typer.Option(help="Column holding the expected image sha256.")]
+IdCol = Annotated[str | None, typer.Option(help="Column holding the item key (default: sha256 of the URL).")]
+ShaCol = Annotated[str | None, typer.Option(help="Column holding the expected image sha256.")]
 Inputs = Annotated[list[str], typer.Argument(help="Files, folders, globs or fsspec URLs.")]
 ModelOpt = Annotated[
-    Optional[str], typer.Option(help="Model id, local folder, or 'tiny' (default: RECAP_MODEL).")
+    str | None, typer.Option(help="Model id, local folder, or 'tiny' (default: RECAP_MODEL).")
 ]
-LimitOpt = Annotated[Optional[int], typer.Option(min=1, help="Only the first N items (a canary run).")]
+LimitOpt = Annotated[int | None, typer.Option(min=1, help="Only the first N items (a canary run).")]
 
 
 def _columns(url_col, caption_col, id_col, sha256_col):
@@ -154,10 +159,14 @@ def dev_tiny_model(
 def run(
     inputs: Inputs,
     out_path: Annotated[str, typer.Option("--out", help="Where to export (local path or fsspec URL).")],
-    job: Annotated[Optional[str], typer.Option(help="Job name (default: derived from inputs and model).")] = None,
+    job: Annotated[
+        str | None, typer.Option(help="Job name (default: derived from inputs and model).")
+    ] = None,
     model: ModelOpt = None,
     limit: LimitOpt = None,
-    fmt: Annotated[Optional[str], typer.Option("--format", help="parquet or jsonl (default: from --out).")] = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="parquet or jsonl (default: from --out).")
+    ] = None,
     export_status: Annotated[str, typer.Option(help="Export done, failed or all items.")] = "done",
     url_col: UrlCol = "url",
     caption_col: CaptionCol = None,
@@ -210,7 +219,12 @@ def _register_with_spinner(store, job, inputs, columns, limit) -> None:
     read = ReadStats()
     with err.status("reading inputs…") as spinner:
         stats = register_inputs(
-            store, job, inputs, columns, limit=limit, read_stats=read,
+            store,
+            job,
+            inputs,
+            columns,
+            limit=limit,
+            read_stats=read,
             on_batch=lambda s: spinner.update(f"reading inputs… {s.read:,} read, {s.new:,} new"),
         )
     err.print(f"read {read.summary()}")  # rows left out are said, with their reasons
@@ -219,7 +233,12 @@ def _register_with_spinner(store, job, inputs, columns, limit) -> None:
 
 def _caption_with_progress(settings, store, job, model) -> None:
     from rich.progress import (
-        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
     )
 
     status = store.job_status(job)
@@ -233,8 +252,12 @@ def _caption_with_progress(settings, store, job, model) -> None:
     with err.status(f"loading {model}…"):
         engine = load_engine(settings, model)
     columns = (
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.1f} img/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
     )
     started = time.monotonic()
     with Progress(*columns, console=err) as progress:
@@ -262,7 +285,7 @@ def _print_summary(status: dict) -> None:
 
 @command(app, "status")
 def status(
-    job: Annotated[Optional[str], typer.Option(help="One job (default: every job, newest first).")] = None,
+    job: Annotated[str | None, typer.Option(help="One job (default: every job, newest first).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (DESIGN.md's shape).")] = False,
     watch: Annotated[bool, typer.Option(help="Refresh until interrupted.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
@@ -300,9 +323,13 @@ def _status_view(store, jobs):
         s = store.job_status(job)
         c, items = s["chunks"], s["items"]
         table.add_row(
-            s["job"], f"{items['done']:,}", f"{items['failed']:,}", f"{items['pending']:,}",
+            s["job"],
+            f"{items['done']:,}",
+            f"{items['failed']:,}",
+            f"{items['pending']:,}",
             f"{c['running']}/{c['queued']}/{c['pending']}/{c['done']}/{c['failed']}",
-            "-" if s["rate_per_s"] is None else f"{s['rate_per_s']:.1f}", _duration(s["eta_s"]),
+            "-" if s["rate_per_s"] is None else f"{s['rate_per_s']:.1f}",
+            _duration(s["eta_s"]),
         )
         notes.append(f"{s['job']}: model {s['model']}")
         if s["errors"]:
@@ -328,14 +355,18 @@ def _duration(seconds) -> str:
 def export(
     job: Annotated[str, typer.Option(help="Job name.")],
     out_path: Annotated[str, typer.Option("--out", help="Local path or fsspec URL.")],
-    fmt: Annotated[Optional[str], typer.Option("--format", help="parquet or jsonl (default: from --out).")] = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="parquet or jsonl (default: from --out).")
+    ] = None,
     export_status: Annotated[str, typer.Option("--status", help="done, failed or all.")] = "done",
     exclude_flags: Annotated[str, typer.Option(help="Comma-separated quality flags to leave out.")] = "",
-    rows_per_shard: Annotated[int, typer.Option(min=1, help="Rows per shard when --out is a folder.")] = 1_000_000,
-    since: Annotated[Optional[str], typer.Option(help="Only items updated at or after this ISO time.")] = None,
+    rows_per_shard: Annotated[
+        int, typer.Option(min=1, help="Rows per shard when --out is a folder.")
+    ] = 1_000_000,
+    since: Annotated[str | None, typer.Option(help="Only items updated at or after this ISO time.")] = None,
 ) -> None:
     """Write a job's results in the Recap-DataComp-1B column layout."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from producer.export import export_job
 
@@ -344,11 +375,13 @@ def export(
         try:
             since_time = datetime.fromisoformat(since)
         except ValueError:
-            raise RecapError(f"--since takes an ISO date or time like 2026-11-26T10:00, got {since!r}") from None
+            raise RecapError(
+                f"--since takes an ISO date or time like 2026-11-26T10:00, got {since!r}"
+            ) from None
         if since_time.tzinfo is None:
-            since_time = since_time.replace(tzinfo=timezone.utc)
+            since_time = since_time.replace(tzinfo=UTC)
 
-    from workers.quality import FLAGS
+    from recap.quality import FLAGS
 
     flags = [f.strip() for f in exclude_flags.split(",") if f.strip()]
     unknown = sorted(set(flags) - set(FLAGS))
@@ -357,8 +390,14 @@ def export(
     store = _local_store()
     job_info = store.get_job(job)
     stats = export_job(
-        store, job_info, out_path, fmt=fmt, status=export_status, exclude_flags=flags,
-        rows_per_shard=rows_per_shard, since=since_time,
+        store,
+        job_info,
+        out_path,
+        fmt=fmt,
+        status=export_status,
+        exclude_flags=flags,
+        rows_per_shard=rows_per_shard,
+        since=since_time,
     )
     out.print(f"exported {stats.rows:,} rows in {stats.files} file(s) to {out_path}")
 
@@ -376,12 +415,18 @@ def submit(
 ) -> None:
     """Register a fleet job and its items in PostgreSQL, enqueue chunks up to the queue cap, exit."""
     from producer.dispatch import Dispatcher
+
     settings = _settings()
     store = _fleet_store("submit")
     _check_inputs(inputs)
     job_info = _open_and_register(
-        store, settings, job, model or settings.model, inputs,
-        _columns(url_col, caption_col, id_col, sha256_col), limit,
+        store,
+        settings,
+        job,
+        model or settings.model,
+        inputs,
+        _columns(url_col, caption_col, id_col, sha256_col),
+        limit,
     )
     reports = _dispatch(Dispatcher(store, settings), [job_info])
     total = store.job_status(job_info)["items"]
@@ -412,7 +457,7 @@ def _dispatch(dispatcher, jobs):
 
 
 @command(app, "reconcile")
-def reconcile(job: Annotated[Optional[str], typer.Option(help="Only this job.")] = None) -> None:
+def reconcile(job: Annotated[str | None, typer.Option(help="Only this job.")] = None) -> None:
     """Re-enqueue chunks that are pending, whose lease expired, or whose message is gone."""
     from producer.dispatch import Dispatcher
 
@@ -439,7 +484,9 @@ def retry(
     known = {e.value for e in ErrorClass}
     unknown = [c for c in classes if c not in known]
     if unknown or not classes:
-        raise RecapError(f"unknown error class(es) {', '.join(unknown) or '(none)'}; known: {', '.join(sorted(known))}")
+        raise RecapError(
+            f"unknown error class(es) {', '.join(unknown) or '(none)'}; known: {', '.join(sorted(known))}"
+        )
     settings = _settings()
     store = _fleet_store("retry")
     job_info = store.get_job(job)
@@ -460,7 +507,9 @@ def worker(
     _check_schema_unless_unreachable(require_postgres(settings.database_url, "worker"))
     specs = worker_specs(parse_gpus(gpus), settings)
     for spec in specs:
-        err.print(f"starting {spec.node_name} on {'GPU ' + spec.gpu if spec.gpu else 'the CPU'}, queue {spec.queue}")
+        err.print(
+            f"starting {spec.node_name} on {'GPU ' + spec.gpu if spec.gpu else 'the CPU'}, queue {spec.queue}"
+        )
     raise typer.Exit(run_workers(specs, settings))
 
 
@@ -498,8 +547,16 @@ def flower(
     env = dict(os.environ)
     # Through the environment, so the password is not on the process list.
     env["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{secret}"
-    argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "flower",
-            f"--port={port}", f"--address={address}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.celery_app",
+        "flower",
+        f"--port={port}",
+        f"--address={address}",
+    ]
     raise typer.Exit(subprocess.call(argv, env=env))
 
 

@@ -58,7 +58,7 @@ class Failure:
     message: str
 
     @classmethod
-    def of(cls, error_class: ErrorClass, message: str) -> "Failure":
+    def of(cls, error_class: ErrorClass, message: str) -> Failure:
         one_line = " ".join(str(message).split())
         return cls(error_class, one_line[:500])
 

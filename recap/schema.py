@@ -47,9 +47,7 @@ class Chunk(Base):
 
     __tablename__ = "chunks"
 
-    job_id: Mapped[int] = mapped_column(
-        BigId, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
-    )
+    job_id: Mapped[int] = mapped_column(BigId, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     chunk_no: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     state: Mapped[str] = mapped_column(String(16), default="pending")
     item_count: Mapped[int] = mapped_column(Integer, default=0)
@@ -76,9 +74,7 @@ class Item(Base):
 
     __tablename__ = "items"
 
-    job_id: Mapped[int] = mapped_column(
-        BigId, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
-    )
+    job_id: Mapped[int] = mapped_column(BigId, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     key: Mapped[str] = mapped_column(String(300), primary_key=True)
     chunk_no: Mapped[int] = mapped_column(Integer)
     url: Mapped[str] = mapped_column(Text)

@@ -21,9 +21,7 @@ from pydantic_settings import (
 
 from recap.resources import resource_path
 
-PAPER_PROMPT = (
-    "Please generate a detailed caption of this image. Please be as descriptive as possible."
-)
+PAPER_PROMPT = "Please generate a detailed caption of this image. Please be as descriptive as possible."
 DEFAULT_MODEL = "xtuner/llava-llama-3-8b-v1_1-transformers"
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC
 
 from sqlalchemy import bindparam, case, func, select, text, update
 from sqlalchemy.engine import Connection
@@ -184,7 +185,9 @@ class Store:
         with self.writer.begin() as conn:
             insert = self._insert(provenances_t).values(digest=digest, data=json.loads(canonical))
             conn.execute(insert.on_conflict_do_nothing(index_elements=["digest"]))
-            return conn.execute(select(provenances_t.c.id).where(provenances_t.c.digest == digest)).scalar_one()
+            return conn.execute(
+                select(provenances_t.c.id).where(provenances_t.c.digest == digest)
+            ).scalar_one()
 
     def provenances(self, ids: Iterable[int]) -> dict[int, dict]:
         """Provenance rows by id (the export looks up the few a job's items name)."""
@@ -192,7 +195,9 @@ class Store:
         found: dict[int, dict] = {}
         with self.engine.connect() as conn:
             for part in _chunked(wanted):
-                rows = conn.execute(select(provenances_t.c.id, provenances_t.c.data).where(provenances_t.c.id.in_(part)))
+                rows = conn.execute(
+                    select(provenances_t.c.id, provenances_t.c.data).where(provenances_t.c.id.in_(part))
+                )
                 found.update({row.id: row.data for row in rows})
         return found
 
@@ -249,7 +254,7 @@ class Store:
         return 0 if last is None else last + 1
 
     def _register_batch(
-        self, job: JobInfo, batch: list[InputItem], cursor: "_ChunkCursor", stats: RegisterStats
+        self, job: JobInfo, batch: list[InputItem], cursor: _ChunkCursor, stats: RegisterStats
     ) -> None:
         unique = list({item.key: item for item in reversed(batch)}.values())[::-1]
         with self.writer.begin() as conn:
@@ -262,7 +267,7 @@ class Store:
         stats.duplicates += len(batch) - sum(inserted.values())
 
     def _copy_new_items(
-        self, conn: Connection, job: JobInfo, unique: list[InputItem], cursor: "_ChunkCursor"
+        self, conn: Connection, job: JobInfo, unique: list[InputItem], cursor: _ChunkCursor
     ) -> list[int]:
         """PostgreSQL: COPY the batch into a staging table, then one INSERT … SELECT gives
         the new keys (not already in the job) consecutive chunk numbers."""
@@ -293,7 +298,7 @@ class Store:
         return chunk_nos
 
     def _insert_new_items(
-        self, conn: Connection, job: JobInfo, unique: list[InputItem], cursor: "_ChunkCursor"
+        self, conn: Connection, job: JobInfo, unique: list[InputItem], cursor: _ChunkCursor
     ) -> Counter:
         """SQLite: look the keys up, number the new ones, insert them in batches."""
         existing = self._existing_keys(conn, job.id, [i.key for i in unique])
@@ -389,16 +394,24 @@ class Store:
             refusal = self._claim_refusal(chunk, owner, now, max_attempts, force)
             if refusal == "exhausted":
                 self._set_chunk(
-                    conn, job_id, chunk_no,
-                    state="failed", lease_owner=None, lease_expires_at=None,
+                    conn,
+                    job_id,
+                    chunk_no,
+                    state="failed",
+                    lease_owner=None,
+                    lease_expires_at=None,
                     last_error=f"gave up after {chunk['attempts']} attempts; last error: "
                     f"{chunk['last_error'] or 'worker died or timed out'}",
                 )
             if refusal:
                 return Claim(False, refusal)
             self._set_chunk(
-                conn, job_id, chunk_no,
-                state="running", lease_owner=owner, lease_expires_at=now + lease_s,
+                conn,
+                job_id,
+                chunk_no,
+                state="running",
+                lease_owner=owner,
+                lease_expires_at=now + lease_s,
                 attempts=chunk["attempts"] + 1,
             )
             conn.execute(
@@ -469,7 +482,11 @@ class Store:
 
     @retrying
     def release_chunk(
-        self, job_id: int, chunk_no: int, owner: str, error: str | None = None,
+        self,
+        job_id: int,
+        chunk_no: int,
+        owner: str,
+        error: str | None = None,
         count_attempt: bool = True,
     ) -> str:
         """Give a chunk back (finished, a crash in the task, or a graceful stop): `done`
@@ -539,15 +556,22 @@ class Store:
         if room <= 0 or not job_ids:
             return []
         with self.writer.begin() as conn:
-            if self.dialect == "postgresql" and lock_key and not conn.execute(
-                text("SELECT pg_try_advisory_xact_lock(hashtext(:k))"), {"k": lock_key}
-            ).scalar():
+            if (
+                self.dialect == "postgresql"
+                and lock_key
+                and not conn.execute(
+                    text("SELECT pg_try_advisory_xact_lock(hashtext(:k))"), {"k": lock_key}
+                ).scalar()
+            ):
                 return []  # another dispatcher is topping this queue up right now
             now = self.now(conn)
             base = chunks_t.c.job_id.in_(job_ids)
             wanted = [
-                (base & (chunks_t.c.state == "running") & (chunks_t.c.lease_expires_at < now),
-                 chunks_t.c.lease_expires_at, room),
+                (
+                    base & (chunks_t.c.state == "running") & (chunks_t.c.lease_expires_at < now),
+                    chunks_t.c.lease_expires_at,
+                    room,
+                ),
                 (base & (chunks_t.c.state == "queued"), chunks_t.c.queued_at, min(lost, room)),
                 (base & (chunks_t.c.state == "pending"), chunks_t.c.chunk_no, room),
             ]
@@ -580,8 +604,11 @@ class Store:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(
-                    items_t.c.key, items_t.c.url, items_t.c.org_caption,
-                    items_t.c.expected_sha256, items_t.c.local,
+                    items_t.c.key,
+                    items_t.c.url,
+                    items_t.c.org_caption,
+                    items_t.c.expected_sha256,
+                    items_t.c.local,
                 )
                 .where(
                     items_t.c.job_id == job_id,
@@ -634,8 +661,12 @@ class Store:
         return states
 
     def _update_items(
-        self, conn: Connection, job_id: int, results: list[ItemResult],
-        model_revision: str | None, provenance_id: int | None,
+        self,
+        conn: Connection,
+        job_id: int,
+        results: list[ItemResult],
+        model_revision: str | None,
+        provenance_id: int | None,
     ) -> None:
         if not results:
             return
@@ -681,8 +712,11 @@ class Store:
                 failed += 1
                 errors[r.error_class] += 1
         self._set_chunk(
-            conn, chunk["job_id"], chunk["chunk_no"],
-            done_count=done, failed_count=failed,
+            conn,
+            chunk["job_id"],
+            chunk["chunk_no"],
+            done_count=done,
+            failed_count=failed,
             error_counts={k: v for k, v in errors.items() if v > 0} or None,
         )
 
@@ -700,7 +734,8 @@ class Store:
                 )
             ).all()
         chunk_nos = [
-            c.chunk_no for c in candidates
+            c.chunk_no
+            for c in candidates
             if c.state == "failed" or any((c.error_counts or {}).get(cls) for cls in error_classes)
         ]
         total = 0
@@ -726,8 +761,12 @@ class Store:
             errors.pop(cls, None)
         state = chunk["state"] if chunk["state"] == "running" else "pending"
         self._set_chunk(
-            conn, job_id, chunk_no,
-            state=state, attempts=0, last_error=None,
+            conn,
+            job_id,
+            chunk_no,
+            state=state,
+            attempts=0,
+            last_error=None,
             failed_count=chunk["failed_count"] - result.rowcount,
             error_counts=dict(errors) or None,
         )
@@ -757,9 +796,7 @@ class Store:
             errors = Counter()
             for counts in error_rows:
                 errors.update(counts or {})
-            started_at = conn.execute(
-                select(jobs_t.c.started_at).where(jobs_t.c.id == job.id)
-            ).scalar()
+            started_at = conn.execute(select(jobs_t.c.started_at).where(jobs_t.c.id == job.id)).scalar()
             now = self.now(conn)
             last_write = self._last_write(conn, job.id)
         chunks = {state: 0 for state in CHUNK_STATES}
@@ -789,15 +826,13 @@ class Store:
         if newest is None:
             return None
         if isinstance(newest, str):  # SQLite without type info on aggregates
-            from datetime import datetime, timezone
+            from datetime import datetime
 
             newest = datetime.fromisoformat(newest)
             if newest.tzinfo is None:
-                newest = newest.replace(tzinfo=timezone.utc)
+                newest = newest.replace(tzinfo=UTC)
         elif newest.tzinfo is None:
-            from datetime import timezone
-
-            newest = newest.replace(tzinfo=timezone.utc)
+            newest = newest.replace(tzinfo=UTC)
         return newest.timestamp()
 
     def chunk_states(self, job_id: int, states: Iterable[str]) -> list[int]:
@@ -815,7 +850,9 @@ class Store:
         with self.engine.connect() as conn:
             now = self.now(conn)
             query = select(
-                chunks_t.c.job_id, chunks_t.c.chunk_no, chunks_t.c.lease_owner,
+                chunks_t.c.job_id,
+                chunks_t.c.chunk_no,
+                chunks_t.c.lease_owner,
                 chunks_t.c.lease_expires_at,
             ).where(chunks_t.c.state == "running")
             if job_id is not None:
@@ -843,10 +880,20 @@ class Store:
         """Stream a job's items in key order over a server-side cursor, in column-wise
         batches ({column: values}): the export builds Arrow arrays from them directly."""
         columns = [
-            items_t.c.key, items_t.c.url, items_t.c.caption, items_t.c.org_caption,
-            items_t.c.sha256, items_t.c.status, items_t.c.error_class, items_t.c.error,
-            items_t.c.width, items_t.c.height, items_t.c.model_revision, items_t.c.provenance_id,
-            items_t.c.flags, items_t.c.updated_at,
+            items_t.c.key,
+            items_t.c.url,
+            items_t.c.caption,
+            items_t.c.org_caption,
+            items_t.c.sha256,
+            items_t.c.status,
+            items_t.c.error_class,
+            items_t.c.error,
+            items_t.c.width,
+            items_t.c.height,
+            items_t.c.model_revision,
+            items_t.c.provenance_id,
+            items_t.c.flags,
+            items_t.c.updated_at,
         ]
         query = select(*columns).where(items_t.c.job_id == job.id)
         if set(statuses) != set(ITEM_STATUSES):
@@ -859,9 +906,7 @@ class Store:
             if self.dialect == "postgresql":
                 conn = conn.execution_options(isolation_level="REPEATABLE READ")
             with conn.begin():
-                result = conn.execution_options(stream_results=True, yield_per=batch_rows).execute(
-                    query
-                )
+                result = conn.execution_options(stream_results=True, yield_per=batch_rows).execute(query)
                 names = [c.name for c in columns]
                 for part in result.partitions(batch_rows):
                     yield dict(zip(names, map(list, zip(*part))))
@@ -869,8 +914,17 @@ class Store:
 
 # ItemResult fields written as they are into the items row of the same name.
 _RESULT_FIELDS = (
-    "status", "caption", "flags", "error_class", "error", "sha256", "width", "height",
-    "fetch_ms", "infer_ms", "worker",
+    "status",
+    "caption",
+    "flags",
+    "error_class",
+    "error",
+    "sha256",
+    "width",
+    "height",
+    "fetch_ms",
+    "infer_ms",
+    "worker",
 )
 _PARTITION_DDL = (
     "CREATE TABLE IF NOT EXISTS items_p{id} PARTITION OF items FOR VALUES IN ({id}) "
@@ -965,4 +1019,3 @@ def _rate_and_eta(
     elapsed = max(end - started_at, 1e-3)
     rate = processed / elapsed
     return round(rate, 3), (round(pending / rate, 1) if pending else 0.0)
-

@@ -17,7 +17,7 @@ os.environ.setdefault("RECAP_FETCH_BACKOFF_S", "0.01")
 os.environ.setdefault("RECAP_MAX_NEW_TOKENS", "8")
 os.environ.setdefault("RECAP_MIN_SIDE", "8")
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")

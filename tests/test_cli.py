@@ -13,14 +13,16 @@ from tests.support.fleet import REPO
 
 def test_cli_and_producer_do_not_import_torch_or_transformers():
     code = (
-        "import sys, recap.cli, producer.readers, producer.dispatch, producer.export, "
+        "import sys, recap.cli, producer.readers, recap.dispatch, recap.queue, producer.export, "
         "producer.jobs, workers.celery_app, workers.daemon\n"
         "from typer.testing import CliRunner\n"
         "CliRunner().invoke(recap.cli.app, ['--help'])\n"
         "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -28,8 +30,12 @@ def run_cli(*args, env=None, cwd=None):
     import os
 
     return subprocess.run(
-        [sys.executable, "-m", "recap.cli", *args], capture_output=True, text=True, timeout=120,
-        env={**os.environ, **(env or {})}, cwd=cwd or REPO,
+        [sys.executable, "-m", "recap.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        cwd=cwd or REPO,
     )
 
 
@@ -62,8 +68,11 @@ def test_status_shows_counts_failures_and_expiring_leases(sqlite_url):
     job = store.ensure_job("watched", "tiny", "describe", {}, 2)
     store.register_items(job, [[InputItem(f"k{i}", f"http://127.0.0.1/{i}") for i in range(4)]])
     store.claim_chunk(job.id, 0, "w", 60, 3)
-    store.write_results(job.id, 0, [ItemResult("k0", "done", caption="c"),
-                                    ItemResult("k1", "failed", error_class="timeout", error="t")])
+    store.write_results(
+        job.id,
+        0,
+        [ItemResult("k0", "done", caption="c"), ItemResult("k1", "failed", error_class="timeout", error="t")],
+    )
     store.finish_chunk(job.id, 0, "w")
     store.claim_chunk(job.id, 1, "recap-gpu0-1@host:7", 30, 3)
     result = run_cli("status", env={"RECAP_DATABASE_URL": sqlite_url, "COLUMNS": "120"})
@@ -88,17 +97,25 @@ def test_an_unreachable_database_is_one_line_and_exit_1():
 
 
 def test_unknown_export_flags_are_refused(sqlite_url):
-    result = run_cli("export", "--job", "x", "--out", "/tmp/never.parquet", "--exclude-flags", "truncated,bogus",
-                     env={"RECAP_DATABASE_URL": sqlite_url})
+    result = run_cli(
+        "export",
+        "--job",
+        "x",
+        "--out",
+        "/tmp/never.parquet",
+        "--exclude-flags",
+        "truncated,bogus",
+        env={"RECAP_DATABASE_URL": sqlite_url},
+    )
     assert result.returncode == 2 and "bogus" in result.stderr
 
 
 def test_an_older_schema_is_refused_until_upgraded_and_keeps_its_jobs(pg_url):
     """A database made by an earlier recap: commands say to upgrade; the upgrade keeps the
     jobs, and adds the new column to the existing job partitions too."""
-    from alembic import command
     from sqlalchemy import text
 
+    from alembic import command
     from recap.db import alembic_config, get_engine
     from recap.records import InputItem
     from recap.store import Store
@@ -119,17 +136,22 @@ def test_an_older_schema_is_refused_until_upgraded_and_keeps_its_jobs(pg_url):
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["items"]["pending"] == 4
     with get_engine(pg_url).connect() as conn:
-        columns = conn.execute(text(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = :t"
-        ), {"t": f"items_p{job.id}"}).scalars().all()
+        columns = (
+            conn.execute(
+                text("SELECT column_name FROM information_schema.columns WHERE table_name = :t"),
+                {"t": f"items_p{job.id}"},
+            )
+            .scalars()
+            .all()
+        )
     assert "provenance_id" in columns
 
 
 def test_a_worker_on_an_older_schema_claims_nothing(pg_url, redis_url, tmp_path):
     """The check comes before the claim (and before the model loads): no chunk is burnt."""
-    from alembic import command
     from sqlalchemy import text
 
+    from alembic import command
     from recap.db import alembic_config, get_engine
     from recap.errors import RecapError
     from recap.records import InputItem
@@ -141,8 +163,11 @@ def test_a_worker_on_an_older_schema_claims_nothing(pg_url, redis_url, tmp_path)
     job = store.ensure_job("older", "tiny", "describe", {}, 2)
     store.register_items(job, [[InputItem(f"k{i}", f"http://127.0.0.1/{i}") for i in range(2)]])
     command.downgrade(alembic_config(pg_url), "0001")
-    runtime = WorkerRuntime(Settings(database_url=pg_url, broker_url=redis_url, model="tiny",
-                                     cache_dir=tmp_path, feed_interval_s=3600))
+    runtime = WorkerRuntime(
+        Settings(
+            database_url=pg_url, broker_url=redis_url, model="tiny", cache_dir=tmp_path, feed_interval_s=3600
+        )
+    )
     try:
         with pytest.raises(RecapError, match="recap db upgrade"):
             runtime.handle_chunk(ChunkRef(job.id, 0))
@@ -150,8 +175,10 @@ def test_a_worker_on_an_older_schema_claims_nothing(pg_url, redis_url, tmp_path)
         runtime.close()
     assert runtime._pipeline is None  # the model was not loaded
     with get_engine(pg_url).connect() as conn:
-        chunk = conn.execute(text("SELECT state, attempts, lease_owner FROM chunks WHERE job_id = :j AND chunk_no = 0"),
-                             {"j": job.id}).one()
+        chunk = conn.execute(
+            text("SELECT state, attempts, lease_owner FROM chunks WHERE job_id = :j AND chunk_no = 0"),
+            {"j": job.id},
+        ).one()
     assert chunk.state in ("pending", "queued") and (chunk.attempts, chunk.lease_owner) == (0, None)
 
 
@@ -180,18 +207,39 @@ def test_worker_metrics_ports_follow_the_gpu_number():
 
 
 def test_a_missing_config_file_is_an_error_not_the_defaults(tmp_path):
-    result = run_cli("status", env={"RECAP_CONFIG": str(tmp_path / "nope.toml"),
-                                    "RECAP_DATABASE_URL": f"sqlite:///{tmp_path}/none.db"})
+    result = run_cli(
+        "status",
+        env={
+            "RECAP_CONFIG": str(tmp_path / "nope.toml"),
+            "RECAP_DATABASE_URL": f"sqlite:///{tmp_path}/none.db",
+        },
+    )
     assert result.returncode == 2
-    assert "RECAP_CONFIG" in result.stderr and "no such file" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        "RECAP_CONFIG" in result.stderr
+        and "no such file" in result.stderr
+        and "Traceback" not in result.stderr
+    )
 
 
 def test_rows_left_out_of_an_input_are_said_with_their_reason(tmp_path):
     urls = tmp_path / "urls.jsonl"
     urls.write_text('{"url": ""}\n{"url": "http://127.0.0.1:9/a.jpg"}\nnot json\n')
-    result = run_cli("run", str(urls), "--model", "tiny", "--out", str(tmp_path / "o.parquet"), "--limit", "1",
-                     env={"RECAP_DATABASE_URL": f"sqlite:///{tmp_path}/r.db", "RECAP_CACHE_DIR": str(tmp_path / "c"),
-                          "RECAP_FETCH_RETRIES": "0"})
+    result = run_cli(
+        "run",
+        str(urls),
+        "--model",
+        "tiny",
+        "--out",
+        str(tmp_path / "o.parquet"),
+        "--limit",
+        "1",
+        env={
+            "RECAP_DATABASE_URL": f"sqlite:///{tmp_path}/r.db",
+            "RECAP_CACHE_DIR": str(tmp_path / "c"),
+            "RECAP_FETCH_RETRIES": "0",
+        },
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "skipped rows:" in result.stderr and "no_url 1" in result.stderr, result.stderr
 
@@ -209,14 +257,22 @@ def test_a_worker_never_captions_a_job_of_another_model(pg_url, redis_url, tmp_p
     store = Store(pg_url)
     job = store.ensure_job("other", "org/model", "describe", {}, 2)
     store.register_items(job, [[InputItem("k0", "http://127.0.0.1/0")]])
-    runtime = WorkerRuntime(Settings(database_url=pg_url, broker_url=redis_url, model="org--model",
-                                     cache_dir=tmp_path, feed_interval_s=3600))
+    runtime = WorkerRuntime(
+        Settings(
+            database_url=pg_url,
+            broker_url=redis_url,
+            model="org--model",
+            cache_dir=tmp_path,
+            feed_interval_s=3600,
+        )
+    )
     try:
         assert runtime.handle_chunk(ChunkRef(job.id, 0)).startswith("skipped")
     finally:
         runtime.close()
     assert runtime._pipeline is None
     with get_engine(pg_url).connect() as conn:
-        attempts, owner = conn.execute(text("SELECT attempts, lease_owner FROM chunks WHERE job_id = :j"),
-                                       {"j": job.id}).one()
+        attempts, owner = conn.execute(
+            text("SELECT attempts, lease_owner FROM chunks WHERE job_id = :j"), {"j": job.id}
+        ).one()
     assert (attempts, owner) == (0, None)

@@ -58,10 +58,10 @@ def _split(inner: str) -> tuple[str, str | None, str]:
     name = NAME.match(inner)
     if not name:
         raise ValueError(f"invalid interpolation ${{{inner}}}")
-    rest = inner[name.end():]
+    rest = inner[name.end() :]
     for op in (":-", ":?", ":+", "-", "?", "+"):
         if rest.startswith(op):
-            return name.group(), op, rest[len(op):]
+            return name.group(), op, rest[len(op) :]
     if rest:
         raise ValueError(f"invalid interpolation ${{{inner}}}")
     return name.group(), None, ""
@@ -197,7 +197,9 @@ def test_compose_has_the_fleet_services(compose):
 
 def test_every_interpolated_variable_is_documented(raw):
     used = set().union(*(referenced(s) for s in strings(raw)))
-    passed_through = {key for svc in raw["services"].values() for key, value in environment(svc).items() if value is None}
+    passed_through = {
+        key for svc in raw["services"].values() for key, value in environment(svc).items() if value is None
+    }
     missing = sorted((used | passed_through) - documented(ENV_EXAMPLE))
     assert not missing, f"not in docker/.env.example: {missing}"
 
@@ -227,6 +229,7 @@ def test_env_example_comments_every_variable_and_holds_no_secret():
 
 def test_secrets_come_only_from_the_environment(raw):
     """No secret-looking key has a literal value or a default; URLs carry no literal password."""
+
     def walk(node, path):
         if isinstance(node, dict):
             for key, value in node.items():
@@ -234,7 +237,8 @@ def test_secrets_come_only_from_the_environment(raw):
                     text = str(value)
                     assert re.fullmatch(r"\$\{[A-Za-z_]\w*(:?\?[^}]*)?\}", text), (
                         f"{path}.{key} = {text!r}: a secret must be ${{VAR:?message}} or passed through, "
-                        "never a literal or a default")
+                        "never a literal or a default"
+                    )
                 walk(value, f"{path}.{key}")
         elif isinstance(node, list):
             for i, value in enumerate(node):
@@ -274,7 +278,7 @@ def test_settings_handed_to_containers_are_recap_settings(raw):
 
     names = {key for svc in raw["services"].values() for key in environment(svc) if key.startswith("RECAP_")}
     names |= {n for n in documented(ENV_EXAMPLE) | documented(SYSTEMD_ENV_EXAMPLE) if n.startswith("RECAP_")}
-    unknown = sorted(n for n in names if n[len("RECAP_"):].lower() not in Settings.model_fields)
+    unknown = sorted(n for n in names if n[len("RECAP_") :].lower() not in Settings.model_fields)
     assert not unknown, f"not recap settings: {unknown}"
 
 
@@ -333,7 +337,9 @@ def test_worker_reserves_gpus_and_stops_gracefully(compose):
     worker = compose["services"]["worker"]
     assert worker["build"]["dockerfile"] == "docker/worker.Dockerfile"
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
-    assert any(d["driver"] == "nvidia" and d["count"] == "all" and "gpu" in d["capabilities"] for d in devices)
+    assert any(
+        d["driver"] == "nvidia" and d["count"] == "all" and "gpu" in d["capabilities"] for d in devices
+    )
     grace = re.fullmatch(r"(\d+)([sm])", worker["stop_grace_period"])
     assert grace and int(grace.group(1)) * (60 if grace.group(2) == "m" else 1) >= 60
     assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
@@ -415,7 +421,9 @@ def test_worker_image():
     assert "[worker]" in runs and "torchvision" not in runs
     # Pillow-SIMD by default: built with AVX2 in its own stage, Pillow removed first.
     assert base["PILLOW_SIMD"] == "1" and 'CC="gcc -mavx2"' in runs
-    assert runs.index("pip uninstall -y pillow") < runs.index("pip install --no-cache-dir --no-deps /tmp/wheels/")
+    assert runs.index("pip uninstall -y pillow") < runs.index(
+        "pip install --no-cache-dir --no-deps /tmp/wheels/"
+    )
     assert ("COPY", "--from=pillow-simd /wheels /tmp/wheels") in instructions(WORKER_DOCKERFILE)
     env = " ".join(args for kw, args in instructions(WORKER_DOCKERFILE) if kw == "ENV")
     assert "HF_HOME=/models" in env
@@ -423,7 +431,9 @@ def test_worker_image():
 
 
 def test_producer_image_has_no_torch():
-    text = " ".join(args for kw, args in instructions(PRODUCER_DOCKERFILE) if kw in ("RUN", "FROM", "ENV", "ARG"))
+    text = " ".join(
+        args for kw, args in instructions(PRODUCER_DOCKERFILE) if kw in ("RUN", "FROM", "ENV", "ARG")
+    )
     assert "torch" not in text and "[worker]" not in text
     assert last(PRODUCER_DOCKERFILE, "FROM").startswith("python:3.1")
     assert json.loads(last(PRODUCER_DOCKERFILE, "ENTRYPOINT")) == ["recap"]
@@ -484,12 +494,30 @@ def ignored(path: str, patterns) -> bool:
 
 def test_dockerignore_keeps_the_package_and_drops_the_rest():
     patterns = dockerignore_patterns()
-    for needed in ("pyproject.toml", "README.md", "alembic.ini", "alembic/env.py", "config/recap.toml",
-                   "recap/cli.py", "producer/jobs.py", "workers/celery_app.py", "docker/healthcheck.py"):
+    for needed in (
+        "pyproject.toml",
+        "README.md",
+        "alembic.ini",
+        "alembic/env.py",
+        "config/recap.toml",
+        "recap/cli.py",
+        "producer/jobs.py",
+        "workers/celery_app.py",
+        "docker/healthcheck.py",
+    ):
         assert not ignored(needed, patterns), f"{needed} must reach the build"
-    for dropped in (".venv/bin/python", ".git/HEAD", "out/sample.parquet", "dist/x.whl", "recap.db",
-                    "recap/__pycache__/cli.cpython-311.pyc", ".pytest_cache/v", "tests/test_store.py",
-                    "docker/.env", "docker/data/urls.parquet"):
+    for dropped in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "out/sample.parquet",
+        "dist/x.whl",
+        "recap.db",
+        "recap/__pycache__/cli.cpython-311.pyc",
+        ".pytest_cache/v",
+        "tests/test_store.py",
+        "docker/.env",
+        "docker/data/urls.parquet",
+    ):
         assert ignored(dropped, patterns), f"{dropped} must stay out of the build context"
 
 
@@ -535,8 +563,11 @@ def test_systemd_env_example_holds_no_secret():
 # -- READMEs name only files that exist --------------------------------------------------------
 
 
-@pytest.mark.parametrize("readme", [DOCKER / "README.md", DOCKER / "systemd" / "README.md", DOCKER / "data" / "README.md"],
-                         ids=["docker", "systemd", "data"])
+@pytest.mark.parametrize(
+    "readme",
+    [DOCKER / "README.md", DOCKER / "systemd" / "README.md", DOCKER / "data" / "README.md"],
+    ids=["docker", "systemd", "data"],
+)
 def test_readme_names_only_existing_files(readme):
     text = readme.read_text()
     links = re.findall(r"\]\(([^)#\s]+)\)", text)
@@ -545,7 +576,9 @@ def test_readme_names_only_existing_files(readme):
         if target.startswith(("http://", "https://", "mailto:")):
             continue
         candidates = [readme.parent / target, ROOT / target]
-        assert any(c.exists() for c in candidates), f"{readme.relative_to(ROOT)} names {target}, which does not exist"
+        assert any(c.exists() for c in candidates), (
+            f"{readme.relative_to(ROOT)} names {target}, which does not exist"
+        )
 
 
 # -- the worker image's health check ---------------------------------------------------------
@@ -560,8 +593,23 @@ def healthcheck():
 
 
 def celery_argv(node: str) -> list[str]:
-    return ["/opt/venv/bin/python3", "-m", "celery", "-A", "workers.celery_app", "worker", "--pool", "prefork",
-            "--concurrency", "1", "-Q", "recap.m", "-n", node, "-E"]
+    return [
+        "/opt/venv/bin/python3",
+        "-m",
+        "celery",
+        "-A",
+        "workers.celery_app",
+        "worker",
+        "--pool",
+        "prefork",
+        "--concurrency",
+        "1",
+        "-Q",
+        "recap.m",
+        "-n",
+        node,
+        "-E",
+    ]
 
 
 def test_healthcheck_expects_every_node_of_this_host(healthcheck):
@@ -569,9 +617,9 @@ def test_healthcheck_expects_every_node_of_this_host(healthcheck):
         (1, ["/sbin/docker-init", "--", "recap", "worker", "--gpus", "0,1"]),
         (7, ["/opt/venv/bin/python3", "/opt/venv/bin/recap", "worker", "--gpus", "0,1"]),
         (9, celery_argv("recap-gpu0-7@box")),
-        (12, celery_argv("recap-gpu0-7@box")),      # its pool child: same command line
+        (12, celery_argv("recap-gpu0-7@box")),  # its pool child: same command line
         (10, celery_argv("recap-gpu1-7@box")),
-        (20, celery_argv("celery@box")),             # not a recap node
+        (20, celery_argv("celery@box")),  # not a recap node
         (21, celery_argv("recap-gpu0-99@elsewhere")),
         (30, ["python", "/opt/recap/healthcheck.py"]),
     ]

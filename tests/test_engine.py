@@ -20,8 +20,8 @@ from recap.settings import Settings
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from workers.engine import TransformersEngine, load_engine
-from workers.tiny_model import TINY_NOTE, build_tiny_model, ensure_tiny_model
+from workers.engine import TransformersEngine, load_engine  # noqa: E402  (after the skips)
+from workers.tiny_model import TINY_NOTE, build_tiny_model, ensure_tiny_model  # noqa: E402
 
 MAX_NEW = 8
 PROMPT = "Please generate a detailed caption of this image. Please be as descriptive as possible."
@@ -184,7 +184,9 @@ def test_a_poison_item_is_isolated_and_its_neighbours_are_captioned(model_dirs, 
     assert [c.finish_reason == "error" for c in captions] == [False, False, False, True, False, False]
     failure = captions[3].failure
     assert failure.error_class is ErrorClass.INFERENCE_ERROR and "breaks the model" in failure.message
-    assert [t for i, t in enumerate(texts(captions)) if i != 3] == [t for i, t in enumerate(expected) if i != 3]
+    assert [t for i, t in enumerate(texts(captions)) if i != 3] == [
+        t for i, t in enumerate(expected) if i != 3
+    ]
     assert engine.max_fit == settings.batch_size  # not an OOM: the batch size stays
 
 
@@ -297,19 +299,26 @@ def test_hub_id_loads_from_the_cache_with_its_commit(tmp_path, tiny_model_dir, s
 
 def test_importing_the_engine_does_not_import_torch():
     code = (
-        "import sys, workers.engine, workers.quality, workers.tiny_model; "
+        "import sys, workers.engine, recap.quality, workers.tiny_model; "
         "bad = {'torch', 'transformers'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
 def test_generation_settings_are_honoured(model_dirs):
-    greedy = TransformersEngine(model_dirs["llava"], Settings(device="cpu", max_new_tokens=5)).generation_config
+    greedy = TransformersEngine(
+        model_dirs["llava"], Settings(device="cpu", max_new_tokens=5)
+    ).generation_config
     assert (greedy.do_sample, greedy.max_new_tokens, greedy.num_beams) == (False, 5, 1)
     sampling = Settings(device="cpu", do_sample=True, temperature=0.7, top_p=0.9, repetition_penalty=1.1)
     engine = TransformersEngine(model_dirs["llava"], sampling)
     config = engine.generation_config
-    assert (config.do_sample, config.temperature, config.top_p, config.repetition_penalty) == (True, 0.7, 0.9, 1.1)
+    assert (config.do_sample, config.temperature, config.top_p, config.repetition_penalty) == (
+        True,
+        0.7,
+        0.9,
+        1.1,
+    )
     assert engine.dtype == torch.float32  # dtype "auto" on CPU
     assert all(c.failure is None for c in engine.caption(images(2), prompts(2)))
 
@@ -352,7 +361,9 @@ def test_static_cache_gives_the_same_captions(model_dirs, settings, engines, fam
 
 def test_compiled_decoding_gives_the_same_captions(model_dirs, settings, engines):
     """The compiled decoding step (forced on CPU here; about a minute to compile) against eager."""
-    engine = TransformersEngine(model_dirs["llava"], settings.model_copy(update={"compile": True, "max_new_tokens": 4}))
+    engine = TransformersEngine(
+        model_dirs["llava"], settings.model_copy(update={"compile": True, "max_new_tokens": 4})
+    )
     engine.generation_config.compile_config._compile_all_devices = True  # CUDA-only otherwise
     imgs, ps = images(3), prompts(3)
     compiled = engine.caption(imgs, ps)

@@ -28,9 +28,16 @@ LATE_MARGIN_S = 0.6
 
 
 def make_settings(**overrides) -> Settings:
-    base = {"fetch_timeout_s": 3.0, "fetch_connect_timeout_s": 1.0, "fetch_retries": 1,
-            "fetch_backoff_s": 0.01, "fetch_max_redirects": 3, "fetch_max_bytes": 300_000,
-            "fetch_max_retry_after_s": 5.0, "fetch_allow_cidrs": ["127.0.0.1/32"]}
+    base = {
+        "fetch_timeout_s": 3.0,
+        "fetch_connect_timeout_s": 1.0,
+        "fetch_retries": 1,
+        "fetch_backoff_s": 0.01,
+        "fetch_max_redirects": 3,
+        "fetch_max_bytes": 300_000,
+        "fetch_max_retry_after_s": 5.0,
+        "fetch_allow_cidrs": ["127.0.0.1/32"],
+    }
     return Settings(**{**base, **overrides})
 
 
@@ -101,22 +108,25 @@ def test_keeps_connections_alive(fetcher, image_server):
 # ---------------------------------------------------------------------------- hostile cases
 
 
-@pytest.mark.parametrize("path, expected", [
-    ("/status/404", E.HTTP_4XX),
-    ("/status/403", E.HTTP_4XX),
-    ("/status/500", E.HTTP_5XX),
-    ("/status/503", E.HTTP_5XX),
-    ("/status/429", E.RATE_LIMITED),
-    ("/status/304", E.HTTP_4XX),  # a non-2xx final status, whatever it is
-    ("/big?bytes=400000", E.TOO_LARGE),
-    ("/big?bytes=400000&announce=0", E.TOO_LARGE),
-    ("/endless", E.TOO_LARGE),
-    ("/short", E.NETWORK_ERROR),
-    ("/redirect/4", E.TOO_MANY_REDIRECTS),
-    ("/redirect-loop", E.TOO_MANY_REDIRECTS),
-    ("/redirect?to=ftp%3A%2F%2F127.0.0.1%2Fimage.jpg", E.BAD_SCHEME),
-    ("/redirect?to=file%3A%2F%2F%2Fetc%2Fpasswd", E.BAD_SCHEME),
-])
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("/status/404", E.HTTP_4XX),
+        ("/status/403", E.HTTP_4XX),
+        ("/status/500", E.HTTP_5XX),
+        ("/status/503", E.HTTP_5XX),
+        ("/status/429", E.RATE_LIMITED),
+        ("/status/304", E.HTTP_4XX),  # a non-2xx final status, whatever it is
+        ("/big?bytes=400000", E.TOO_LARGE),
+        ("/big?bytes=400000&announce=0", E.TOO_LARGE),
+        ("/endless", E.TOO_LARGE),
+        ("/short", E.NETWORK_ERROR),
+        ("/redirect/4", E.TOO_MANY_REDIRECTS),
+        ("/redirect-loop", E.TOO_MANY_REDIRECTS),
+        ("/redirect?to=ftp%3A%2F%2F127.0.0.1%2Fimage.jpg", E.BAD_SCHEME),
+        ("/redirect?to=file%3A%2F%2F%2Fetc%2Fpasswd", E.BAD_SCHEME),
+    ],
+)
 def test_hostile_responses(fetcher, image_server, path, expected):
     outcome = fetcher.fetch(image_server.url(path))
     assert outcome.data is None
@@ -144,22 +154,25 @@ def test_refused_port_is_a_connect_error(image_server):
     assert outcome.failure.error_class is E.CONNECT_ERROR
 
 
-@pytest.mark.parametrize("url, expected", [
-    ("", E.INVALID_URL),
-    ("   ", E.INVALID_URL),
-    ("not a url", E.INVALID_URL),
-    ("/relative/image.jpg", E.INVALID_URL),
-    ("//127.0.0.1/image.jpg", E.INVALID_URL),
-    ("http://", E.INVALID_URL),
-    ("http://[::1", E.INVALID_URL),
-    ("http://127.0.0.1:99999/", E.INVALID_URL),
-    ("http://127.0.0.1/a\r\nX-Injected: 1", E.INVALID_URL),
-    ("ftp://127.0.0.1/image.jpg", E.BAD_SCHEME),
-    ("file:///etc/passwd", E.BAD_SCHEME),
-    ("javascript:alert(1)", E.BAD_SCHEME),
-    ("data:image/png;base64,iVBORw0KGgo=", E.BAD_SCHEME),
-    ("gopher://127.0.0.1:70/", E.BAD_SCHEME),
-])
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("", E.INVALID_URL),
+        ("   ", E.INVALID_URL),
+        ("not a url", E.INVALID_URL),
+        ("/relative/image.jpg", E.INVALID_URL),
+        ("//127.0.0.1/image.jpg", E.INVALID_URL),
+        ("http://", E.INVALID_URL),
+        ("http://[::1", E.INVALID_URL),
+        ("http://127.0.0.1:99999/", E.INVALID_URL),
+        ("http://127.0.0.1/a\r\nX-Injected: 1", E.INVALID_URL),
+        ("ftp://127.0.0.1/image.jpg", E.BAD_SCHEME),
+        ("file:///etc/passwd", E.BAD_SCHEME),
+        ("javascript:alert(1)", E.BAD_SCHEME),
+        ("data:image/png;base64,iVBORw0KGgo=", E.BAD_SCHEME),
+        ("gopher://127.0.0.1:70/", E.BAD_SCHEME),
+    ],
+)
 def test_bad_urls_fail_without_a_request(fetcher, url, expected):
     outcome = fetcher.fetch(url)
     assert outcome.failure.error_class is expected, outcome.failure
@@ -220,12 +233,32 @@ def test_the_allow_list_is_what_lets_an_address_through(forbidden):
     forbidden.reset_hits()
 
 
-@pytest.mark.parametrize("address", [
-    "10.1.2.3", "172.16.0.1", "192.168.1.1", "127.0.0.1", "169.254.169.254", "100.64.0.1",
-    "0.0.0.0", "224.0.0.1", "239.255.255.250", "240.0.0.1", "255.255.255.255", "192.0.2.1",
-    "::1", "::", "fe80::1", "fc00::1", "ff02::1", "::ffff:8.8.8.8", "::ffff:10.0.0.1",
-    "2002:a00:1::", "64:ff9b::a00:1",
-])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "127.0.0.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0",
+        "224.0.0.1",
+        "239.255.255.250",
+        "240.0.0.1",
+        "255.255.255.255",
+        "192.0.2.1",
+        "::1",
+        "::",
+        "fe80::1",
+        "fc00::1",
+        "ff02::1",
+        "::ffff:8.8.8.8",
+        "::ffff:10.0.0.1",
+        "2002:a00:1::",
+        "64:ff9b::a00:1",
+    ],
+)
 def test_address_policy_blocks(address):
     guard = AddressGuard([])
     try:
@@ -255,11 +288,14 @@ def test_allow_cidrs_open_a_private_range():
 # ---------------------------------------------------------------------------- deadlines
 
 
-@pytest.mark.parametrize("path", [
-    "/drip?bytes_per_s=4000&bytes=200000",  # a steady trickle: no single read ever times out
-    "/drip-headers",
-    "/slow?delay=5",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/drip?bytes_per_s=4000&bytes=200000",  # a steady trickle: no single read ever times out
+        "/drip-headers",
+        "/slow?delay=5",
+    ],
+)
 def test_whole_request_deadline(quick, image_server, path):
     start = time.monotonic()
     outcome = quick.fetch(image_server.url(path))
@@ -355,25 +391,28 @@ def test_retries_a_broken_body(image_server):
 # ---------------------------------------------------------------------------- opt-out
 
 
-@pytest.mark.parametrize("tags, opted_out", [
-    (["noai"], True),
-    (["noimageai"], True),
-    (["NoIndex"], True),
-    (["noimageindex"], True),
-    (["none"], True),
-    (["noml"], True),
-    (["nofollow, noai"], True),
-    (["recap: noai"], True),
-    (["recap: noimageindex, nofollow"], True),
-    (["otherbot: noindex, recap: noai"], True),
-    (["otherbot: noai", "noimageai"], True),  # the second header line is unscoped
-    (["otherbot: noai"], False),
-    (["otherbot: noai, noimageai"], False),  # both scoped to otherbot
-    (["max-image-preview: none"], False),  # "none" is that directive's value
-    (["unavailable_after: 25 Jun 2010 15:00:00 PST"], False),
-    (["nofollow, noarchive"], False),
-    ([], False),
-])
+@pytest.mark.parametrize(
+    "tags, opted_out",
+    [
+        (["noai"], True),
+        (["noimageai"], True),
+        (["NoIndex"], True),
+        (["noimageindex"], True),
+        (["none"], True),
+        (["noml"], True),
+        (["nofollow, noai"], True),
+        (["recap: noai"], True),
+        (["recap: noimageindex, nofollow"], True),
+        (["otherbot: noindex, recap: noai"], True),
+        (["otherbot: noai", "noimageai"], True),  # the second header line is unscoped
+        (["otherbot: noai"], False),
+        (["otherbot: noai, noimageai"], False),  # both scoped to otherbot
+        (["max-image-preview: none"], False),  # "none" is that directive's value
+        (["unavailable_after: 25 Jun 2010 15:00:00 PST"], False),
+        (["nofollow, noarchive"], False),
+        ([], False),
+    ],
+)
 def test_x_robots_tag(fetcher, image_server, tags, opted_out):
     query = "&".join(f"tag={quote(t, safe='')}" for t in tags)
     outcome = fetcher.fetch(image_server.url(f"/robots?{query}"))
@@ -395,8 +434,9 @@ def test_opt_out_parser_directly():
 def test_per_host_cap(image_server):
     image_server.reset_hits()
     with Fetcher(make_settings(fetch_per_host=2)) as f:
-        threads = [threading.Thread(target=f.fetch, args=(image_server.url("/slow?delay=0.3"),))
-                   for _ in range(6)]
+        threads = [
+            threading.Thread(target=f.fetch, args=(image_server.url("/slow?delay=0.3"),)) for _ in range(6)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -459,10 +499,26 @@ def tls_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
     )
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)

@@ -59,8 +59,8 @@ def fleet(pg_url, redis_url, tiny_model_dir, tmp_path):
 @pytest.fixture
 def control_app(redis_url, tiny_model_dir):
     """A Celery app in the test process, to ping workers and send raw messages."""
+    from recap.queue import make_app
     from recap.settings import Settings
-    from workers.celery_app import make_app
 
     app = make_app(Settings(broker_url=redis_url, model=str(tiny_model_dir)))
     yield app
@@ -70,7 +70,11 @@ def control_app(redis_url, tiny_model_dir):
 def recap(fleet: Fleet, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "recap.cli", *args],
-        env={**fleet.env, **(env or {})}, cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**fleet.env, **(env or {})},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -85,9 +89,11 @@ def items(pg_url):
 
     engine = sa.create_engine(normalise_url(pg_url))
     with engine.connect() as conn:
-        rows = conn.execute(
-            sa.text("SELECT key, status, error_class, caption, attempts, worker FROM items")
-        ).mappings().all()
+        rows = (
+            conn.execute(sa.text("SELECT key, status, error_class, caption, attempts, worker FROM items"))
+            .mappings()
+            .all()
+        )
     engine.dispose()
     return {r["key"]: dict(r) for r in rows}
 
@@ -97,7 +103,9 @@ def chunk_rows(pg_url):
 
     engine = sa.create_engine(normalise_url(pg_url))
     with engine.connect() as conn:
-        rows = conn.execute(sa.text("SELECT chunk_no, state, attempts, last_error FROM chunks")).mappings().all()
+        rows = (
+            conn.execute(sa.text("SELECT chunk_no, state, attempts, last_error FROM chunks")).mappings().all()
+        )
     engine.dispose()
     return {r["chunk_no"]: dict(r) for r in rows}
 
@@ -160,7 +168,9 @@ def test_two_workers_caption_every_item_exactly_once(fleet, control_app, pg_url,
 
 
 def test_killed_worker_its_chunk_finishes_elsewhere(fleet, control_app, pg_url, image_server, tmp_path):
-    submit_and_wait_for_progress(fleet, control_app, pg_url, tmp_path, slow_urls(image_server, 120), "kill", 20)
+    submit_and_wait_for_progress(
+        fleet, control_app, pg_url, tmp_path, slow_urls(image_server, 120), "kill", 20
+    )
     fleet.kill(fleet.procs[0])
     before = {k: r["caption"] for k, r in items(pg_url).items() if r["status"] == "done"}
     assert 0 < len(before) < 120
@@ -172,7 +182,9 @@ def test_killed_worker_its_chunk_finishes_elsewhere(fleet, control_app, pg_url, 
     assert all(rows[k]["caption"] == caption for k, caption in before.items())
 
 
-def test_redis_emptied_mid_run_the_fleet_refeeds_itself(fleet, control_app, pg_url, redis_url, image_server, tmp_path):
+def test_redis_emptied_mid_run_the_fleet_refeeds_itself(
+    fleet, control_app, pg_url, redis_url, image_server, tmp_path
+):
     import redis
 
     submit_and_wait_for_progress(fleet, control_app, pg_url, tmp_path, slow_urls(image_server, 160), "flush")
@@ -184,14 +196,16 @@ def test_redis_emptied_mid_run_the_fleet_refeeds_itself(fleet, control_app, pg_u
 
 
 def test_the_same_chunk_delivered_twice_is_worked_once(fleet, control_app, pg_url, image_server, tmp_path):
+    from recap.queue import CAPTION_TASK, queue_name
     from recap.records import InputItem
     from recap.store import Store
-    from workers.celery_app import CAPTION_TASK, queue_name
 
     model = fleet.env["RECAP_MODEL"]
     store = Store(pg_url)
     job = store.ensure_job("twice", model, "describe", {}, 50)
-    store.register_items(job, [[InputItem(f"k{i}", image_server.url(f"/slow?delay=0.1&seed={i}")) for i in range(30)]])
+    store.register_items(
+        job, [[InputItem(f"k{i}", image_server.url(f"/slow?delay=0.1&seed={i}")) for i in range(30)]]
+    )
     fleet.start_worker(extra_env={"RECAP_FEED_INTERVAL_S": "600"})
     fleet.start_worker(extra_env={"RECAP_FEED_INTERVAL_S": "600"})
     fleet.wait_ready(control_app, 2)
@@ -205,7 +219,9 @@ def test_the_same_chunk_delivered_twice_is_worked_once(fleet, control_app, pg_ur
     wait_until(lambda: "skipped: " in fleet.logs(), 30, what="the second delivery to be skipped")
 
 
-def test_a_chunk_whose_task_always_crashes_fails_and_the_rest_finishes(fleet, control_app, pg_url, image_server, tmp_path):
+def test_a_chunk_whose_task_always_crashes_fails_and_the_rest_finishes(
+    fleet, control_app, pg_url, image_server, tmp_path
+):
     path = write_urls(tmp_path, good_urls(image_server, 60))
     fleet.start_worker(app="tests.support.fault_app", extra_env={"RECAP_TEST_POISON_CHUNKS": "1"})
     fleet.wait_ready(control_app, 1)
@@ -228,9 +244,9 @@ def test_a_chunk_whose_task_always_crashes_fails_and_the_rest_finishes(fleet, co
 def test_pickled_messages_are_refused(fleet, control_app, pg_url, tiny_model_dir):
     from kombu import Connection, Exchange, Producer
 
-    from recap.store import Store
-    from workers.celery_app import CAPTION_TASK, queue_name
+    from recap.queue import CAPTION_TASK, queue_name
     from recap.records import InputItem
+    from recap.store import Store
 
     store = Store(pg_url)
     job = store.ensure_job("pickle", "some-other-model", "describe", {}, 10)
@@ -241,7 +257,9 @@ def test_pickled_messages_are_refused(fleet, control_app, pg_url, tiny_model_dir
     with Connection(fleet.env["RECAP_BROKER_URL"]) as conn:
         producer = Producer(conn.channel(), exchange=Exchange(queue, type="direct"))
         producer.publish(
-            {"job_id": job.id, "chunk_no": 0}, routing_key=queue, serializer="pickle",
+            {"job_id": job.id, "chunk_no": 0},
+            routing_key=queue,
+            serializer="pickle",
             headers={"task": CAPTION_TASK, "id": "pickled-1", "lang": "py", "argsrepr": "", "kwargsrepr": ""},
             declare=[],
         )
@@ -251,14 +269,26 @@ def test_pickled_messages_are_refused(fleet, control_app, pg_url, tiny_model_dir
 
 
 @pytest.mark.parametrize("url", [None, "sqlite:///x.db"])
-@pytest.mark.parametrize("command", [["submit", "x.txt", "--job", "j"], ["worker"], ["reconcile"], ["retry", "--job", "j", "--errors", "timeout"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["submit", "x.txt", "--job", "j"],
+        ["worker"],
+        ["reconcile"],
+        ["retry", "--job", "j", "--errors", "timeout"],
+    ],
+)
 def test_fleet_commands_need_postgres(command, url, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RECAP_DATABASE_URL"}
     if url:
         env["RECAP_DATABASE_URL"] = url
     result = subprocess.run(
-        [sys.executable, "-m", "recap.cli", *command], env=env, cwd=tmp_path,
-        capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "recap.cli", *command],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -277,7 +307,9 @@ def test_postgres_restarted_mid_run_workers_wait_and_finish(fleet, control_app, 
         cluster.start()
         upgrade(cluster.url)
         fleet.env["RECAP_DATABASE_URL"] = cluster.url
-        submit_and_wait_for_progress(fleet, control_app, cluster.url, tmp_path, slow_urls(image_server, 120), "pgdown")
+        submit_and_wait_for_progress(
+            fleet, control_app, cluster.url, tmp_path, slow_urls(image_server, 120), "pgdown"
+        )
         cluster.stop()
         time.sleep(4)  # workers keep fetching and captioning, and wait to write
         cluster.start()
@@ -293,7 +325,9 @@ def test_postgres_restarted_mid_run_workers_wait_and_finish(fleet, control_app, 
         cluster.destroy()
 
 
-def test_sigterm_finishes_the_batch_gives_the_chunk_back_and_exits(fleet, control_app, pg_url, image_server, tmp_path):
+def test_sigterm_finishes_the_batch_gives_the_chunk_back_and_exits(
+    fleet, control_app, pg_url, image_server, tmp_path
+):
     import signal
 
     urls = [image_server.url(f"/slow?delay=0.1&seed={i}") for i in range(80)]
@@ -301,8 +335,9 @@ def test_sigterm_finishes_the_batch_gives_the_chunk_back_and_exits(fleet, contro
     first = fleet.start_worker(extra_env={"RECAP_CHUNK_SIZE": "80", "RECAP_LEASE_S": "600"})
     fleet.wait_ready(control_app, 1)
     assert recap(fleet, "submit", str(path), "--job", "term", env={"RECAP_CHUNK_SIZE": "80"}).returncode == 0
-    wait_until(lambda: sum(r["status"] == "done" for r in items(pg_url).values()) >= 8, 120,
-               what="the first batches")
+    wait_until(
+        lambda: sum(r["status"] == "done" for r in items(pg_url).values()) >= 8, 120, what="the first batches"
+    )
     started = time.monotonic()
     first.send_signal(signal.SIGTERM)
     first.wait(timeout=60)
@@ -326,11 +361,14 @@ def test_flower_refuses_anonymous_api_calls_and_shows_the_workers(fleet, control
     port = free_port()
     fleet.start_worker()
     nodes = fleet.wait_ready(control_app, 1)
-    log = open(fleet.log_dir / "flower.log", "wb")
+    log = open(fleet.log_dir / "flower.log", "wb")  # noqa: SIM115  (Flower writes it while alive)
     flower = subprocess.Popen(
         [sys.executable, "-m", "recap.cli", "flower", "--port", str(port)],
         env={**fleet.env, "RECAP_FLOWER_USER": "ops", "RECAP_FLOWER_PASSWORD": "flower-secret-1"},
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     fleet.procs.append(flower)
     flower.log_path = fleet.log_dir / "flower.log"
@@ -351,8 +389,11 @@ def test_flower_refuses_anonymous_api_calls_and_shows_the_workers(fleet, control
     wait_until(lambda: get(None)[0] is not None, 60, what="Flower to listen")
     assert get(None)[0] == 401
     assert get("ops:wrong")[0] == 401
-    status, body = wait_until(lambda: (lambda r: r if r[0] == 200 and nodes[0] in r[1] else None)(get("ops:flower-secret-1")),
-                              60, what="Flower to list the worker")
+    _, body = wait_until(
+        lambda: (lambda r: r if r[0] == 200 and nodes[0] in r[1] else None)(get("ops:flower-secret-1")),
+        60,
+        what="Flower to list the worker",
+    )
     assert nodes[0] in body
     assert "flower-secret-1" not in fleet.logs()
 
@@ -361,7 +402,7 @@ def test_worker_serves_prometheus_metrics_during_a_run(fleet, control_app, pg_ur
     import urllib.request
 
     port = free_port()
-    path = write_urls(tmp_path, good_urls(image_server, 40) + [image_server.url("/status/404")])
+    path = write_urls(tmp_path, [*good_urls(image_server, 40), image_server.url("/status/404")])
     # The local server trusts any password: a secret in the URL must appear nowhere.
     fleet.env["RECAP_DATABASE_URL"] = pg_url.replace("postgres@", "postgres:pg-secret-4711@")
     fleet.start_worker(extra_env={"RECAP_METRICS_PORT": str(port), "RECAP_LOG_LEVEL": "DEBUG"})
@@ -374,20 +415,30 @@ def test_worker_serves_prometheus_metrics_during_a_run(fleet, control_app, pg_ur
         assert "pg-secret-4711" not in text
 
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    for name in ("recap_items_total", "recap_batch_size", "recap_batch_seconds", "recap_fetch_seconds",
-                 "recap_images_per_second", "recap_gpu_busy_ratio", "recap_buffer_depth", "recap_chunks_total"):
+    for name in (
+        "recap_items_total",
+        "recap_batch_size",
+        "recap_batch_seconds",
+        "recap_fetch_seconds",
+        "recap_images_per_second",
+        "recap_gpu_busy_ratio",
+        "recap_buffer_depth",
+        "recap_chunks_total",
+    ):
         assert name in body, name
     assert 'recap_items_total{error_class="",status="done"} 40.0' in body
     assert 'recap_items_total{error_class="http_4xx",status="failed"} 1.0' in body
 
 
-def test_redis_restarted_empty_mid_run_workers_reconnect_and_finish(fleet, pg_url, image_server, tmp_path, tiny_model_dir):
+def test_redis_restarted_empty_mid_run_workers_reconnect_and_finish(
+    fleet, pg_url, image_server, tmp_path, tiny_model_dir
+):
     """A Redis of our own (restarting the shared one would cut other tests): stopped mid-run
     and started again empty; the workers reconnect and the fleet refeeds itself."""
     import shutil
 
+    from recap.queue import make_app
     from recap.settings import Settings
-    from workers.celery_app import make_app
 
     if not shutil.which("redis-server"):
         pytest.skip("redis-server is not installed here")
@@ -396,7 +447,8 @@ def test_redis_restarted_empty_mid_run_workers_reconnect_and_finish(fleet, pg_ur
     def start_redis():
         return subprocess.Popen(
             ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
 
     redis_proc = start_redis()
@@ -404,9 +456,16 @@ def test_redis_restarted_empty_mid_run_workers_reconnect_and_finish(fleet, pg_ur
     fleet.env["RECAP_BROKER_URL"] = broker
     app = make_app(Settings(broker_url=broker, model=str(tiny_model_dir)))
     try:
-        wait_until(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).returncode == 0,
-                   10, what="our redis")
-        submit_and_wait_for_progress(fleet, app, pg_url, tmp_path, slow_urls(image_server, 120), "redis-restart")
+        wait_until(
+            lambda: (
+                subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).returncode == 0
+            ),
+            10,
+            what="our redis",
+        )
+        submit_and_wait_for_progress(
+            fleet, app, pg_url, tmp_path, slow_urls(image_server, 120), "redis-restart"
+        )
         redis_proc.kill()
         redis_proc.wait()
         time.sleep(3)

@@ -24,9 +24,16 @@ SPEC = ImageSpec(64, "pad")
 
 
 def make_settings(**overrides) -> Settings:
-    base = {"fetch_timeout_s": 3.0, "fetch_connect_timeout_s": 1.0, "fetch_retries": 1,
-            "fetch_backoff_s": 0.01, "fetch_max_bytes": 300_000, "fetch_concurrency": 8,
-            "fetch_allow_cidrs": ["127.0.0.1/32"], "min_side": 8}
+    base = {
+        "fetch_timeout_s": 3.0,
+        "fetch_connect_timeout_s": 1.0,
+        "fetch_retries": 1,
+        "fetch_backoff_s": 0.01,
+        "fetch_max_bytes": 300_000,
+        "fetch_concurrency": 8,
+        "fetch_allow_cidrs": ["127.0.0.1/32"],
+        "min_side": 8,
+    }
     return Settings(**{**base, **overrides})
 
 
@@ -102,7 +109,16 @@ def test_one_result_per_item_with_the_right_class(loader, image_server, shard, t
         "invalid": ("not a url", E.INVALID_URL),
         "blocked": ("http://127.0.0.2:9/x.jpg", E.BLOCKED_ADDRESS),
     }
-    local = {"file", "tar", "tar-sub", "tar-dot", "missing-file", "missing-member", "missing-shard", "tar-html"}
+    local = {
+        "file",
+        "tar",
+        "tar-sub",
+        "tar-dot",
+        "missing-file",
+        "missing-member",
+        "missing-shard",
+        "tar-html",
+    }
     results = by_key(loader.load(InputItem(k, u, local=k in local) for k, (u, _) in items.items()))
     assert set(results) == set(items)
     for key, (_, expected) in items.items():
@@ -123,8 +139,14 @@ def test_expected_sha256_comes_from_the_item(loader, image_server):
     data = srv.render_image(64, 48, "JPEG", 6)
     right = hashlib.sha256(data).hexdigest()
     url = image_server.url("/robots")  # serves exactly those bytes
-    results = by_key(loader.load([InputItem("right", url, expected_sha256=right),
-                                  InputItem("wrong", url, expected_sha256="ab" * 32)]))
+    results = by_key(
+        loader.load(
+            [
+                InputItem("right", url, expected_sha256=right),
+                InputItem("wrong", url, expected_sha256="ab" * 32),
+            ]
+        )
+    )
     assert isinstance(results["right"], Prepared)
     assert error_of(results["wrong"]) is E.HASH_MISMATCH
     assert results["wrong"].sha256 == right
@@ -178,8 +200,11 @@ def test_a_url_list_cannot_make_a_worker_read_local_files(loader, shard, tmp_pat
     shard and folder readers mark items local."""
     picture = tmp_path / "secret.png"
     picture.write_bytes(srv.render_image(60, 40, "PNG", 1))
-    items = [InputItem("file", picture.as_uri()), InputItem("tar", f"tar://000001.jpg::{shard}"),
-             InputItem("etc", "file:///etc/hostname")]
+    items = [
+        InputItem("file", picture.as_uri()),
+        InputItem("tar", f"tar://000001.jpg::{shard}"),
+        InputItem("etc", "file:///etc/hostname"),
+    ]
     results = by_key(loader.load(items))
     assert all(isinstance(r, Rejected) for r in results.values())
     assert results["file"].failure.error_class is E.BAD_SCHEME
@@ -202,10 +227,14 @@ class ExplodingFetcher(Fetcher):
 def test_an_exception_in_one_item_becomes_its_rejection(image_server):
     settings = make_settings()
     with ExplodingFetcher(settings) as fetcher, ImageLoader(settings, SPEC, fetcher) as stage:
-        results = by_key(stage.load([
-            InputItem("boom", image_server.url("/img/20x20.jpg?boom=1")),
-            InputItem("fine", image_server.url("/img/20x20.jpg")),
-        ]))
+        results = by_key(
+            stage.load(
+                [
+                    InputItem("boom", image_server.url("/img/20x20.jpg?boom=1")),
+                    InputItem("fine", image_server.url("/img/20x20.jpg")),
+                ]
+            )
+        )
     assert error_of(results["boom"]) is E.NETWORK_ERROR
     assert "planted bug" in results["boom"].failure.message
     assert isinstance(results["fine"], Prepared)

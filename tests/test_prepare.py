@@ -47,13 +47,27 @@ def close(a, b, tol=12) -> bool:
 # ---------------------------------------------------------------------------- formats, modes
 
 
-@pytest.mark.parametrize("fmt, mode", [
-    ("JPEG", ""), ("JPEG", "L"), ("JPEG", "CMYK"),
-    ("PNG", ""), ("PNG", "RGBA"), ("PNG", "LA"), ("PNG", "P"), ("PNG", "PT"), ("PNG", "L"),
-    ("PNG", "1"), ("PNG", "I;16"),
-    ("WEBP", ""), ("WEBP", "RGBA"),
-    ("GIF", ""), ("BMP", ""), ("BMP", "L"),
-])
+@pytest.mark.parametrize(
+    "fmt, mode",
+    [
+        ("JPEG", ""),
+        ("JPEG", "L"),
+        ("JPEG", "CMYK"),
+        ("PNG", ""),
+        ("PNG", "RGBA"),
+        ("PNG", "LA"),
+        ("PNG", "P"),
+        ("PNG", "PT"),
+        ("PNG", "L"),
+        ("PNG", "1"),
+        ("PNG", "I;16"),
+        ("WEBP", ""),
+        ("WEBP", "RGBA"),
+        ("GIF", ""),
+        ("BMP", ""),
+        ("BMP", "L"),
+    ],
+)
 @pytest.mark.parametrize("spec", [PAD, CROP, KEEP], ids=["pad", "crop", "keep"])
 def test_every_mode_becomes_rgb_of_the_right_size(fmt, mode, spec):
     data = srv.render_image(120, 80, fmt, seed=11, mode=mode)
@@ -159,14 +173,18 @@ def test_a_square_image_at_the_target_size_is_kept():
 # ---------------------------------------------------------------------------- failures
 
 
-@pytest.mark.parametrize("data", [
-    b"",
-    b"<!doctype html><html><body>nope</body></html>",
-    srv._SVG,
-    b"just some text, not an image at all",
-    b'{"error": "not found"}',
-    bytes(range(256)) * 4,
-], ids=["empty", "html", "svg", "text", "json", "binary"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"<!doctype html><html><body>nope</body></html>",
+        srv._SVG,
+        b"just some text, not an image at all",
+        b'{"error": "not found"}',
+        bytes(range(256)) * 4,
+    ],
+    ids=["empty", "html", "svg", "text", "json", "binary"],
+)
 def test_not_an_image(data):
     assert failed(prepare_image(data, PAD, LIMITS)) is E.NOT_IMAGE
 

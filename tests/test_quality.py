@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.quality import FLAGS, quality_flags, word_count
+from recap.quality import FLAGS, quality_flags, word_count
 
 GOOD = (
     "A golden retriever sits on green grass in a sunny park, holding a red ball in its mouth, "

@@ -97,9 +97,7 @@ SHARD_MEMBERS = [
 
 @pytest.mark.parametrize("compress", [False, True], ids=["txt", "txt.gz"])
 def test_txt_one_url_a_line_blank_and_comments_counted(tmp_path, compress):
-    text = (
-        "# a comment\nhttp://a/1.jpg\n\n  https://a/2.jpg  \n   \n#another\nhttp://a/3.jpg#frag\n"
-    )
+    text = "# a comment\nhttp://a/1.jpg\n\n  https://a/2.jpg  \n   \n#another\nhttp://a/3.jpg#frag\n"
     path = write(tmp_path / ("urls.txt.gz" if compress else "urls.txt"), text, compress)
     stats = ReadStats()
     items = read_all([str(path)], stats=stats)
@@ -138,9 +136,7 @@ def test_csv_ids_stay_strings(tmp_path):
 
 
 def test_tsv_with_header_and_quotes_left_alone(tmp_path):
-    path = write(
-        tmp_path / "t.tsv", 'url\tcaption\nhttp://a/1.jpg\t"quoted start\nhttp://a/2.jpg\tplain\n'
-    )
+    path = write(tmp_path / "t.tsv", 'url\tcaption\nhttp://a/1.jpg\t"quoted start\nhttp://a/2.jpg\tplain\n')
     items = read_all([str(path)])
     assert [(i.url, i.org_caption) for i in items] == [
         ("http://a/1.jpg", '"quoted start'),
@@ -353,9 +349,7 @@ def test_missing_inputs_are_input_errors(tmp_path):
 
 def test_explicit_unsupported_file_names_supported_formats(tmp_path):
     doc = write(tmp_path / "notes.md", "x")
-    with pytest.raises(
-        InputError, match=r"unsupported format \.md \(supported: .*\.parquet.*\.tar"
-    ):
+    with pytest.raises(InputError, match=r"unsupported format \.md \(supported: .*\.parquet.*\.tar"):
         expand_inputs([str(doc)])
     zipped = tmp_path / "a.parquet.gz"
     zipped.write_bytes(b"x")
@@ -430,9 +424,7 @@ def test_webdataset_shard_column_options_read_the_json(tmp_path):
     shard.write_bytes(
         shard_bytes([("0.jpg", JPEG), ("0.txt", b"txt cap"), ("0.json", json.dumps(meta).encode())])
     )
-    [item] = read_all(
-        [str(shard)], ColumnOptions(id_col="uid", caption_col="alt", sha256_col="sha256")
-    )
+    [item] = read_all([str(shard)], ColumnOptions(id_col="uid", caption_col="alt", sha256_col="sha256"))
     assert (item.key, item.org_caption, item.expected_sha256) == ("u0", "alt text", "aa" * 32)
 
 
@@ -445,9 +437,7 @@ def make_image_folder(root: Path) -> None:
     (root / "a.txt").write_text("caption of a\n")
     (root / "b.PNG").write_bytes(PNG)
     (root / "sub" / "c.webp").write_bytes(b"RIFFwebp")
-    (root / "sub" / "c.json").write_text(
-        json.dumps({"caption": "c from json", "url": "http://web/c"})
-    )
+    (root / "sub" / "c.json").write_text(json.dumps({"caption": "c from json", "url": "http://web/c"}))
     (root / ".DS_Store").write_bytes(b"junk")
     (root / "._a.jpg").write_bytes(b"appledouble")
 

@@ -53,7 +53,11 @@ def transformers_version() -> str:
 def item_rows(tmp_path):
     engine = sa.create_engine(f"sqlite:///{tmp_path}/recap.db")
     with engine.connect() as conn:
-        rows = conn.execute(sa.text("SELECT key, url, status, error_class, caption, attempts FROM items")).mappings().all()
+        rows = (
+            conn.execute(sa.text("SELECT key, url, status, error_class, caption, attempts FROM items"))
+            .mappings()
+            .all()
+        )
     engine.dispose()
     return [dict(r) for r in rows]
 
@@ -68,7 +72,9 @@ def test_run_captions_good_urls_and_classifies_every_failure(tmp_path, image_ser
     result = subprocess.run(
         [sys.executable, "-m", "recap.cli", "run", str(urls), "--out", str(out), "--export-status", "all"],
         env=run_env(tmp_path, tiny_model_dir, RECAP_MAX_PIXELS="50000000"),
-        capture_output=True, text=True, timeout=200,
+        capture_output=True,
+        text=True,
+        timeout=200,
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -98,7 +104,9 @@ def test_run_resumes_after_a_kill_without_redoing_done_items(tmp_path, image_ser
     urls.write_text("\n".join(image_server.url(f"/slow?delay=0.05&seed={i}") for i in range(150)) + "\n")
     argv = [sys.executable, "-m", "recap.cli", "run", str(urls), "--out", str(tmp_path / "out.jsonl")]
     env = run_env(tmp_path, tiny_model_dir, RECAP_FETCH_CONCURRENCY="4")
-    first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = subprocess.Popen(
+        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
 
     def some_done():
         try:
@@ -128,18 +136,27 @@ def test_other_families_recaption_the_same_inputs_as_jobs_side_by_side(tmp_path)
     exports = {}
     for family in ("llava-next", "mllama"):
         out = tmp_path / f"{family}.parquet"
-        env = {**run_env(tmp_path, "unused"), "RECAP_MODEL": f"tiny-{family}",
-               "RECAP_CACHE_DIR": str(tmp_path / "cache")}
+        env = {
+            **run_env(tmp_path, "unused"),
+            "RECAP_MODEL": f"tiny-{family}",
+            "RECAP_CACHE_DIR": str(tmp_path / "cache"),
+        }
         result = subprocess.run(
             [sys.executable, "-m", "recap.cli", "run", str(REPO / "examples" / "images"), "--out", str(out)],
-            env=env, capture_output=True, text=True, timeout=200,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=200,
         )
         assert result.returncode == 0, result.stderr[-3000:]
         assert "meaningless" in result.stderr
         table = pq.read_table(out).to_pylist()
         assert len(table) == 6 and all(r["re_caption"] for r in table)
         assert {r["key"] for r in table} >= {"red-circle.jpg", "sunset.jpg"}
-        assert next(r for r in table if r["key"] == "red-circle.jpg")["org_caption"] == "a red circle on a white background"
+        assert (
+            next(r for r in table if r["key"] == "red-circle.jpg")["org_caption"]
+            == "a red circle on a white background"
+        )
         exports[family] = {r["key"]: r for r in table}
 
     next_rows, mllama_rows = exports["llava-next"], exports["mllama"]
@@ -152,7 +169,9 @@ def test_other_families_recaption_the_same_inputs_as_jobs_side_by_side(tmp_path)
         assert json.loads(b["provenance"])["family"] == "mllama"
 
 
-def test_a_straggler_does_not_hold_the_engine_its_chunk_finishes_later(tmp_path, image_server, tiny_model_dir):
+def test_a_straggler_does_not_hold_the_engine_its_chunk_finishes_later(
+    tmp_path, image_server, tiny_model_dir
+):
     """One URL of chunk 0 answers after 5 s: chunk 1 is captioned meanwhile, and the
     straggler still gets its caption, once."""
     urls = [image_server.url(f"/img/48x48.jpg?seed={i}") for i in range(40)]
@@ -161,14 +180,25 @@ def test_a_straggler_does_not_hold_the_engine_its_chunk_finishes_later(tmp_path,
     path.write_text("\n".join(urls) + "\n")
     result = subprocess.run(
         [sys.executable, "-m", "recap.cli", "run", str(path), "--out", str(tmp_path / "out.parquet")],
-        env=run_env(tmp_path, tiny_model_dir, RECAP_CHUNK_SIZE="20", RECAP_FETCH_TIMEOUT_S="15",
-                    RECAP_STRAGGLER_GRACE_S="0.5"),
-        capture_output=True, text=True, timeout=200,
+        env=run_env(
+            tmp_path,
+            tiny_model_dir,
+            RECAP_CHUNK_SIZE="20",
+            RECAP_FETCH_TIMEOUT_S="15",
+            RECAP_STRAGGLER_GRACE_S="0.5",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=200,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     engine = sa.create_engine(f"sqlite:///{tmp_path}/recap.db")
     with engine.connect() as conn:
-        rows = conn.execute(sa.text("SELECT url, chunk_no, status, attempts, updated_at FROM items")).mappings().all()
+        rows = (
+            conn.execute(sa.text("SELECT url, chunk_no, status, attempts, updated_at FROM items"))
+            .mappings()
+            .all()
+        )
         chunks = conn.execute(sa.text("SELECT state FROM chunks")).scalars().all()
     engine.dispose()
     assert len(rows) == 40 and all(r["status"] == "done" and r["attempts"] == 1 for r in rows)
@@ -204,7 +234,10 @@ def test_webdataset_shards_are_captioned_from_their_own_bytes(tmp_path, tiny_mod
     out = tmp_path / "out.parquet"
     result = subprocess.run(
         [sys.executable, "-m", "recap.cli", "run", str(shard), "--out", str(out)],
-        env=run_env(tmp_path, tiny_model_dir), capture_output=True, text=True, timeout=200,
+        env=run_env(tmp_path, tiny_model_dir),
+        capture_output=True,
+        text=True,
+        timeout=200,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {r["key"]: r for r in pq.read_table(out).to_pylist()}

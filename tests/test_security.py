@@ -4,8 +4,8 @@ the private-address guard is on unless an operator opens it."""
 from __future__ import annotations
 
 from recap.db import normalise_url, safe_url
+from recap.queue import make_app
 from recap.settings import Settings
-from workers.celery_app import make_app
 
 
 def test_celery_accepts_json_only_and_acks_late():

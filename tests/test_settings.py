@@ -28,7 +28,7 @@ def test_config_defaults_name_real_settings_and_agree_with_the_code():
 
 def test_environment_overrides_the_config_file(monkeypatch, tmp_path):
     extra = tmp_path / "mine.toml"
-    extra.write_text('chunk_size = 100\nmax_queued_chunks = 7\n')
+    extra.write_text("chunk_size = 100\nmax_queued_chunks = 7\n")
     monkeypatch.setenv("RECAP_CONFIG", str(extra))
     monkeypatch.setenv("RECAP_CHUNK_SIZE", "50")
     settings = Settings()

@@ -50,15 +50,23 @@ def test_done_item_is_never_overwritten_and_counters_follow_transitions(store):
     job = _job(store)
     store.register_items(job, [_items(4)])
     assert store.claim_chunk(job.id, 0, "w1", 60, 3).claimed
-    store.write_results(job.id, 0, [
-        ItemResult("k0000", "done", caption="a cat"),
-        ItemResult("k0001", "failed", error_class="timeout", error="slow"),
-    ])
+    store.write_results(
+        job.id,
+        0,
+        [
+            ItemResult("k0000", "done", caption="a cat"),
+            ItemResult("k0001", "failed", error_class="timeout", error="slow"),
+        ],
+    )
     # A late duplicate delivery writes the same items again, differently.
-    changed = store.write_results(job.id, 0, [
-        ItemResult("k0000", "failed", error_class="http_5xx", error="late"),
-        ItemResult("k0001", "done", caption="a dog"),
-    ])
+    changed = store.write_results(
+        job.id,
+        0,
+        [
+            ItemResult("k0000", "failed", error_class="http_5xx", error="late"),
+            ItemResult("k0001", "done", caption="a dog"),
+        ],
+    )
     assert changed == 1  # only the failed item moved
     status = store.job_status(job)
     assert status["items"] == {"total": 4, "pending": 2, "done": 2, "failed": 0}
@@ -109,12 +117,16 @@ def test_retry_puts_failed_items_of_a_class_back(store):
     job = _job(store)
     store.register_items(job, [_items(4)])
     store.claim_chunk(job.id, 0, "w", 60, 3)
-    store.write_results(job.id, 0, [
-        ItemResult("k0000", "failed", error_class="timeout", error="t"),
-        ItemResult("k0001", "failed", error_class="not_image", error="n"),
-        ItemResult("k0002", "done", caption="c"),
-        ItemResult("k0003", "done", caption="d"),
-    ])
+    store.write_results(
+        job.id,
+        0,
+        [
+            ItemResult("k0000", "failed", error_class="timeout", error="t"),
+            ItemResult("k0001", "failed", error_class="not_image", error="n"),
+            ItemResult("k0002", "done", caption="c"),
+            ItemResult("k0003", "done", caption="d"),
+        ],
+    )
     store.finish_chunk(job.id, 0, "w")
     count, chunks = store.retry_failed(job, ["timeout"])
     assert (count, chunks) == (1, [0])
@@ -145,9 +157,13 @@ def test_each_job_has_its_own_partition_and_drops_whole(pg_url):
     store.register_items(keep, [_items(5)])
     store.register_items(gone, [_items(7)])
     with store.engine.connect() as conn:
-        partitions = set(conn.execute(sa.text(
-            "SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = 'items'::regclass"
-        )).scalars())
+        partitions = set(
+            conn.execute(
+                sa.text(
+                    "SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = 'items'::regclass"
+                )
+            ).scalars()
+        )
         assert partitions == {f"items_p{keep.id}", f"items_p{gone.id}"}
         assert conn.execute(sa.text(f"SELECT count(*) FROM items_p{gone.id}")).scalar() == 7
 
@@ -155,7 +171,10 @@ def test_each_job_has_its_own_partition_and_drops_whole(pg_url):
     with store.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT to_regclass(:t)"), {"t": f"items_p{gone.id}"}).scalar() is None
         assert conn.execute(sa.text("SELECT count(*) FROM items")).scalar() == 5
-        assert conn.execute(sa.text("SELECT count(*) FROM chunks WHERE job_id = :j"), {"j": gone.id}).scalar() == 0
+        assert (
+            conn.execute(sa.text("SELECT count(*) FROM chunks WHERE job_id = :j"), {"j": gone.id}).scalar()
+            == 0
+        )
     assert [j.name for j in store.list_jobs()] == ["keep"]
 
 
@@ -171,8 +190,12 @@ def test_copy_registration_numbers_chunks_like_the_generic_path(pg_url):
     with store.engine.connect() as conn:
         import sqlalchemy as sa
 
-        per_chunk = dict(conn.execute(sa.text(
-            "SELECT chunk_no, count(*) FROM items WHERE job_id = :j GROUP BY chunk_no"), {"j": job.id}).all())
+        per_chunk = dict(
+            conn.execute(
+                sa.text("SELECT chunk_no, count(*) FROM items WHERE job_id = :j GROUP BY chunk_no"),
+                {"j": job.id},
+            ).all()
+        )
     assert per_chunk == {0: 3, 1: 3, 2: 3, 3: 2}
     assert store.job_status(job)["chunks"]["pending"] == 4
 
@@ -232,9 +255,15 @@ def test_provenance_rows_are_shared_per_setup_and_recorded_on_done_items(store):
     job = _job(store)
     store.register_items(job, [_items(3)])
     store.claim_chunk(job.id, 0, "w1", 60, 3)
-    store.write_results(job.id, 0, [ItemResult("k0000", "done", caption="a cat"),
-                                    ItemResult("k0001", "failed", error_class="timeout", error="slow")],
-                        provenance_id=first)
+    store.write_results(
+        job.id,
+        0,
+        [
+            ItemResult("k0000", "done", caption="a cat"),
+            ItemResult("k0001", "failed", error_class="timeout", error="slow"),
+        ],
+        provenance_id=first,
+    )
     store.write_results(job.id, 0, [ItemResult("k0001", "done", caption="a dog")], provenance_id=other)
     ids = {}
     for batch in store.iter_items(job, ["pending", "done", "failed"]):

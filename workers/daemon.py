@@ -42,7 +42,10 @@ def detect_gpus() -> list[str]:
     try:
         listing = subprocess.run(
             ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=30, check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
         ).stdout
     except (subprocess.SubprocessError, OSError):
         return []
@@ -56,7 +59,9 @@ def parse_gpus(spec: str) -> list[str | None]:
     if spec == "all":
         gpus = detect_gpus()
         if not gpus:  # a GPU host with a broken driver must not quietly caption on the CPU
-            raise RecapError("--gpus all found no GPU (nvidia-smi lists none); use --gpus none to run on the CPU")
+            raise RecapError(
+                "--gpus all found no GPU (nvidia-smi lists none); use --gpus none to run on the CPU"
+            )
         return gpus
     ids = [part.strip() for part in spec.split(",") if part.strip()]
     if not ids or not all(part.isdigit() for part in ids):
@@ -71,7 +76,7 @@ def node_name(gpu: str | None, launcher_pid: int, host: str) -> str:
 
 
 def worker_specs(gpus: list[str | None], settings: Settings) -> list[WorkerSpec]:
-    from workers.celery_app import queue_name
+    from recap.queue import queue_name
 
     host, pid = socket.gethostname(), os.getpid()
     queue = queue_name(settings.model)
@@ -87,11 +92,25 @@ def worker_specs(gpus: list[str | None], settings: Settings) -> list[WorkerSpec]
 
 def celery_argv(spec: WorkerSpec, settings: Settings, app_module: str = "workers.celery_app") -> list[str]:
     return [
-        sys.executable, "-m", "celery", "-A", app_module, "worker",
-        "--pool", "prefork", "--concurrency", "1",
-        "-Q", spec.queue, "-n", spec.node_name, "-E",
-        "--without-gossip", "--without-mingle",
-        "--loglevel", settings.log_level,
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        app_module,
+        "worker",
+        "--pool",
+        "prefork",
+        "--concurrency",
+        "1",
+        "-Q",
+        spec.queue,
+        "-n",
+        spec.node_name,
+        "-E",
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        settings.log_level,
     ]
 
 
@@ -102,7 +121,8 @@ def run_workers(specs: list[WorkerSpec], settings: Settings, app_module: str = "
     exited 0, else 1 (a worker killed by a signal has a negative code)."""
     children = [
         subprocess.Popen(
-            celery_argv(spec, settings, app_module), env=spec.env(dict(os.environ)),
+            celery_argv(spec, settings, app_module),
+            env=spec.env(dict(os.environ)),
             start_new_session=True,
         )
         for spec in specs

@@ -13,9 +13,9 @@ an `inference_error` caption while its neighbours are captioned.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,7 +46,12 @@ END_TOKENS = ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")
 # Pad tokens Llama-3 checkpoints carry (Meta's tokenizer has none), in order of preference.
 PAD_CANDIDATES = ("<pad>", "<|finetune_right_pad_id|>", "<|reserved_special_token_0|>")
 # Messages of errors that mean the GPU (not the item) is broken: no item is to blame.
-_FATAL_MARKERS = ("CUDA error", "device-side assert", "CUBLAS_STATUS_EXECUTION_FAILED", "illegal memory access")
+_FATAL_MARKERS = (
+    "CUDA error",
+    "device-side assert",
+    "CUBLAS_STATUS_EXECUTION_FAILED",
+    "illegal memory access",
+)
 _OOM_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
 COMPILE_PAD_MULTIPLE = 64  # RECAP_COMPILE: prompts padded to a multiple of this many tokens
 
@@ -69,7 +74,9 @@ class CaptionEngine(Protocol):
     provenance: dict
     is_tiny: bool
 
-    def caption(self, images: list[Image], prompts: list[str], generation: dict | None = None) -> list[Caption]:
+    def caption(
+        self, images: list[Image], prompts: list[str], generation: dict | None = None
+    ) -> list[Caption]:
         """Exactly one Caption per image, in order; `generation` is the job's recorded
         generation settings (None: the worker's own).
 
@@ -107,7 +114,9 @@ def is_oom(error: BaseException) -> bool:
 
 
 def _is_fatal(error: BaseException) -> bool:
-    return isinstance(error, RuntimeError) and not is_oom(error) and any(m in str(error) for m in _FATAL_MARKERS)
+    return (
+        isinstance(error, RuntimeError) and not is_oom(error) and any(m in str(error) for m in _FATAL_MARKERS)
+    )
 
 
 class TransformersEngine:
@@ -171,12 +180,19 @@ class TransformersEngine:
         self._end_ids = _setup_tokens(self.tokenizer, model)
         self._end_ids_cpu = torch.tensor(self._end_ids, dtype=torch.long)
         self._strip_specials = _special_token_pattern(processor)
-        self.generation_config = _generation_config(model, settings, self._end_ids, self.tokenizer.pad_token_id)
+        self.generation_config = _generation_config(
+            model, settings, self._end_ids, self.tokenizer.pad_token_id
+        )
         # Compiled: prompt lengths rounded up, so a few shapes (compilations) cover them all.
-        self._padding = {"padding": True, **({"pad_to_multiple_of": COMPILE_PAD_MULTIPLE} if settings.compile else {})}
+        self._padding = {
+            "padding": True,
+            **({"pad_to_multiple_of": COMPILE_PAD_MULTIPLE} if settings.compile else {}),
+        }
         self._configs = {None: self.generation_config}
         self.image_spec = _image_spec(processor, self.family, settings.image_mode)
-        self.default_batch_size = settings.batch_size or _default_batch_size(self.family, self.device, self.is_tiny)
+        self.default_batch_size = settings.batch_size or _default_batch_size(
+            self.family, self.device, self.is_tiny
+        )
         self.max_fit = self.default_batch_size  # shrinks on OOM: the size that fits
         self.provenance = {
             "model": model_id,
@@ -219,7 +235,9 @@ class TransformersEngine:
             )
         return self._configs[key]
 
-    def caption(self, images: list[Image], prompts: list[str], generation: dict | None = None) -> list[Caption]:
+    def caption(
+        self, images: list[Image], prompts: list[str], generation: dict | None = None
+    ) -> list[Caption]:
         """One caption per image; `generation` is the job's recorded generation settings.
         Not to be called from two threads at once (the pipeline holds a lock)."""
         if len(images) != len(prompts):
@@ -287,7 +305,12 @@ class TransformersEngine:
 
     def _encode(self, images: list, prompts: list[str]) -> dict:
         conversations = [
-            [{"role": "user", "content": [{"type": "image", "image": im}, {"type": "text", "text": self._clean(p)}]}]
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "image": im}, {"type": "text", "text": self._clean(p)}],
+                }
+            ]
             for im, p in zip(images, prompts)
         ]
         batch = self.processor.apply_chat_template(
@@ -408,7 +431,7 @@ def _resolve_hub_revision(repo: str, revision: str | None):
         from transformers.utils.hub import resolve_revision
 
         resolved = resolve_revision(repo, revision)
-    except Exception:  # noqa: BLE001 - best effort; loading reports the real problem
+    except Exception:
         return None
     return getattr(resolved, "resolved", None)
 
@@ -421,7 +444,7 @@ def _hub_commit(repo: str, revision: str | None) -> str | None:
         from huggingface_hub import try_to_load_from_cache
 
         path = try_to_load_from_cache(repo, "config.json", revision=revision)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
     if isinstance(path, str):
         commit = Path(path).parent.name
@@ -479,7 +502,11 @@ def _setup_tokens(tokenizer, model) -> list[int]:
         pad = next((t for t in PAD_CANDIDATES if t in vocab), None)
         tokenizer.pad_token = pad or tokenizer.eos_token
     ends: list[int] = []
-    for source in (tokenizer.eos_token_id, model.generation_config.eos_token_id, model.config.get_text_config().eos_token_id):
+    for source in (
+        tokenizer.eos_token_id,
+        model.generation_config.eos_token_id,
+        model.config.get_text_config().eos_token_id,
+    ):
         ends.extend(source if isinstance(source, list) else [source] if source is not None else [])
     for token in END_TOKENS:
         token_id = tokenizer.convert_tokens_to_ids(token)

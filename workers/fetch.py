@@ -172,11 +172,13 @@ class AddressGuard:
             return allowed
         ip = ips[0]
         spelled = "" if _is_canonical(host) else f"{host} means {ip}, and "
-        raise _Refused(Failure.of(
-            ErrorClass.BLOCKED_ADDRESS,
-            f"refused to connect: {spelled}{ip} is {self.why_blocked(ip)} "
-            f"(not in RECAP_FETCH_ALLOW_CIDRS)",
-        ))
+        raise _Refused(
+            Failure.of(
+                ErrorClass.BLOCKED_ADDRESS,
+                f"refused to connect: {spelled}{ip} is {self.why_blocked(ip)} "
+                f"(not in RECAP_FETCH_ALLOW_CIDRS)",
+            )
+        )
 
     def _resolve(self, host: str, port: int, timeout: float) -> list:
         # getaddrinfo cannot be interrupted; run it aside so the deadline still holds.
@@ -184,12 +186,12 @@ class AddressGuard:
         try:
             infos = future.result(timeout=max(timeout, 0.001))
         except FutureTimeout:
-            raise _Refused(Failure.of(
-                ErrorClass.DNS_ERROR, f"DNS lookup of {host} took longer than {timeout:.1f} s"
-            )) from None
+            raise _Refused(
+                Failure.of(ErrorClass.DNS_ERROR, f"DNS lookup of {host} took longer than {timeout:.1f} s")
+            ) from None
         except (OSError, UnicodeError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
-            raise _Refused(Failure.of(ErrorClass.DNS_ERROR, f"cannot resolve {host}: {reason}"))
+            raise _Refused(Failure.of(ErrorClass.DNS_ERROR, f"cannot resolve {host}: {reason}")) from None
         ips = []
         for info in infos:
             ip = ipaddress.ip_address(info[4][0].split("%")[0])
@@ -244,8 +246,7 @@ class _Watchdog:
         self._heap: list[tuple[float, int, _Attempt]] = []
         self._seq = itertools.count()
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="recap-fetch-watchdog",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name="recap-fetch-watchdog", daemon=True)
         self._thread.start()
 
     def watch(self, attempt: _Attempt) -> None:
@@ -332,18 +333,23 @@ class _GuardedConnectionMixin:
         last: OSError | None = None
         for address in addresses:
             try:
-                sock = create_connection((address, self.port), timeout,
-                                         source_address=self.source_address,
-                                         socket_options=self.socket_options)
+                sock = create_connection(
+                    (address, self.port),
+                    timeout,
+                    source_address=self.source_address,
+                    socket_options=self.socket_options,
+                )
                 break
             except TimeoutError as exc:
                 raise ConnectTimeoutError(
-                    self, f"connection to {self.host} timed out after {timeout:.1f} s") from exc
+                    self, f"connection to {self.host} timed out after {timeout:.1f} s"
+                ) from exc
             except OSError as exc:
                 last = exc
         else:
-            raise NewConnectionError(self, f"cannot connect to {self.host}:{self.port}: "
-                                           f"{getattr(last, 'strerror', None) or last}") from last
+            raise NewConnectionError(
+                self, f"cannot connect to {self.host}:{self.port}: {getattr(last, 'strerror', None) or last}"
+            ) from last
         if attempt is not None:
             self._recap_watchdog.adopt(attempt, self, sock)
         return sock
@@ -361,12 +367,10 @@ class _GuardedAdapter(HTTPAdapter):
     def __init__(self, guard: AddressGuard, watchdog: _Watchdog, pools: int, maxsize: int):
         attrs = {"_recap_guard": guard, "_recap_watchdog": watchdog}
         http_conn = type("GuardedHTTPConnection", (_GuardedConnectionMixin, HTTPConnection), attrs)
-        https_conn = type("GuardedHTTPSConnection", (_GuardedConnectionMixin, HTTPSConnection),
-                          attrs)
+        https_conn = type("GuardedHTTPSConnection", (_GuardedConnectionMixin, HTTPSConnection), attrs)
         self._pool_classes = {
             "http": type("GuardedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),
-            "https": type("GuardedHTTPSPool", (HTTPSConnectionPool,),
-                          {"ConnectionCls": https_conn}),
+            "https": type("GuardedHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn}),
         }
         super().__init__(pool_connections=pools, pool_maxsize=maxsize, max_retries=0)
 
@@ -389,8 +393,9 @@ class _HostSlots:
         self._lock = threading.Lock()
         self._slots: dict[str, list] = {}  # host -> [semaphore, holders + waiters]
 
-    def acquire(self, host: str, timeout: float | None, stop: threading.Event,
-                cancel: threading.Event | None) -> bool:
+    def acquire(
+        self, host: str, timeout: float | None, stop: threading.Event, cancel: threading.Event | None
+    ) -> bool:
         with self._lock:
             entry = self._slots.setdefault(host, [threading.Semaphore(self._per_host), 0])
             entry[1] += 1
@@ -436,8 +441,9 @@ def check_url(url: object) -> tuple[Failure | None, str]:
     if not parts.scheme:
         return Failure.of(ErrorClass.INVALID_URL, f"not an absolute URL: {url!r}"), ""
     if parts.scheme.lower() not in ("http", "https"):
-        return Failure.of(ErrorClass.BAD_SCHEME,
-                          f"scheme {parts.scheme}: is not http or https ({url[:200]})"), ""
+        return Failure.of(
+            ErrorClass.BAD_SCHEME, f"scheme {parts.scheme}: is not http or https ({url[:200]})"
+        ), ""
     if not host or port == 0:
         return Failure.of(ErrorClass.INVALID_URL, f"no host in URL {url!r}"), ""
     return None, host
@@ -502,22 +508,24 @@ def _os_reason(chain: list[BaseException]) -> str:
     return str(chain[-1])[:200] or type(chain[-1]).__name__
 
 
-def classify_exception(exc: BaseException, host: str, deadline_s: float,
-                       expired: bool) -> Failure:
+def classify_exception(exc: BaseException, host: str, deadline_s: float, expired: bool) -> Failure:
     """A requests/urllib3/socket exception as DESIGN.md's error class."""
     chain = list(_exception_chain(exc))
     refused = next((e for e in chain if isinstance(e, _Refused)), None)
     if refused is not None:
         return refused.failure
     if expired:
-        return Failure.of(ErrorClass.TIMEOUT, f"no complete response from {host} within "
-                                              f"{deadline_s:g} s")
+        return Failure.of(ErrorClass.TIMEOUT, f"no complete response from {host} within {deadline_s:g} s")
 
     def has(*types) -> bool:
         return any(isinstance(e, types) for e in chain)
 
-    if has(requests.exceptions.InvalidURL, urllib3.exceptions.LocationParseError, UnicodeError,
-           requests.exceptions.MissingSchema):
+    if has(
+        requests.exceptions.InvalidURL,
+        urllib3.exceptions.LocationParseError,
+        UnicodeError,
+        requests.exceptions.MissingSchema,
+    ):
         return Failure.of(ErrorClass.INVALID_URL, f"invalid URL for {host}: {exc}")
     if has(requests.exceptions.InvalidSchema):
         return Failure.of(ErrorClass.BAD_SCHEME, f"unsupported scheme: {exc}")
@@ -526,20 +534,17 @@ def classify_exception(exc: BaseException, host: str, deadline_s: float,
     if has(urllib3.exceptions.SSLError, requests.exceptions.SSLError):
         return Failure.of(ErrorClass.CONNECT_ERROR, f"TLS failed with {host}: {_os_reason(chain)}")
     if has(NewConnectionError):
-        return Failure.of(ErrorClass.CONNECT_ERROR,
-                          f"cannot connect to {host}: {_os_reason(chain)}")
+        return Failure.of(ErrorClass.CONNECT_ERROR, f"cannot connect to {host}: {_os_reason(chain)}")
     if has(ConnectTimeoutError, requests.exceptions.ConnectTimeout):
         return Failure.of(ErrorClass.CONNECT_ERROR, f"connecting to {host} timed out")
     if has(urllib3.exceptions.ReadTimeoutError, requests.exceptions.ReadTimeout, socket.timeout):
-        return Failure.of(ErrorClass.TIMEOUT, f"{host} stopped sending before the "
-                                              f"{deadline_s:g} s deadline")
-    if has(requests.exceptions.RequestException, urllib3.exceptions.HTTPError,
-           http.client.HTTPException, OSError):
-        return Failure.of(ErrorClass.NETWORK_ERROR,
-                          f"connection to {host} broke: {_os_reason(chain)}")
+        return Failure.of(ErrorClass.TIMEOUT, f"{host} stopped sending before the {deadline_s:g} s deadline")
+    if has(
+        requests.exceptions.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError
+    ):
+        return Failure.of(ErrorClass.NETWORK_ERROR, f"connection to {host} broke: {_os_reason(chain)}")
     log.warning("unexpected fetch error for %s", host, exc_info=exc)
-    return Failure.of(ErrorClass.NETWORK_ERROR, f"unexpected {type(exc).__name__} from {host}: "
-                                                f"{exc}")
+    return Failure.of(ErrorClass.NETWORK_ERROR, f"unexpected {type(exc).__name__} from {host}: {exc}")
 
 
 # ---------------------------------------------------------------------------- fetcher
@@ -573,8 +578,10 @@ class Fetcher:
         self._watchdog = _Watchdog()
         self._slots = _HostSlots(settings.fetch_per_host)
         self._adapter = _GuardedAdapter(
-            self._guard, self._watchdog,
-            pools=max(64, 4 * settings.fetch_concurrency), maxsize=settings.fetch_concurrency,
+            self._guard,
+            self._watchdog,
+            pools=max(64, 4 * settings.fetch_concurrency),
+            maxsize=settings.fetch_concurrency,
         )
         # The adapter is the connection pool, shared by all threads. Requests go to it
         # directly: a Session adds nothing we use (cookies, auth, proxies, redirects)
@@ -613,8 +620,7 @@ class Fetcher:
             wait = self._retry_wait(result, attempts)
             if wait is None or self._wait(wait, cancel):
                 break
-        return FetchOutcome(result.data, result.failure, attempts, _ms_since(start),
-                            result.final_url)
+        return FetchOutcome(result.data, result.failure, attempts, _ms_since(start), result.final_url)
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -667,9 +673,10 @@ class Fetcher:
         hops = _Hops(url=url, held=host)
         try:
             return self._follow(hops, attempt)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a value
-            failure = classify_exception(exc, urlsplit(hops.url).hostname or host,
-                                         self._s.fetch_timeout_s, attempt.expired)
+        except Exception as exc:
+            failure = classify_exception(
+                exc, urlsplit(hops.url).hostname or host, self._s.fetch_timeout_s, attempt.expired
+            )
             if hops.url != url:
                 failure = _after_redirect(failure, url)
             return _AttemptResult(failure=failure, final_url=hops.url)
@@ -687,14 +694,17 @@ class Fetcher:
             if location is None:
                 return result
             hops.url = urljoin(hops.url, location)
-            failure = self._next_hop(hops, attempt, first, seen, past_limit=hop >= self._s.fetch_max_redirects)
+            failure = self._next_hop(
+                hops, attempt, first, seen, past_limit=hop >= self._s.fetch_max_redirects
+            )
             if failure is not None:
                 return _AttemptResult(failure=failure, final_url=hops.url)
             seen.add(hops.url)
         raise AssertionError("unreachable")
 
-    def _next_hop(self, hops: _Hops, attempt: _Attempt, first: str, seen: set[str],
-                  past_limit: bool) -> Failure | None:
+    def _next_hop(
+        self, hops: _Hops, attempt: _Attempt, first: str, seen: set[str], past_limit: bool
+    ) -> Failure | None:
         """Check a redirect target, in DESIGN.md's order (a bad URL outranks the redirect
         limit), then move the host slot to its host (within the deadline)."""
         failure, host = check_url(hops.url)
@@ -703,8 +713,10 @@ class Fetcher:
         if hops.url in seen:
             return Failure.of(ErrorClass.TOO_MANY_REDIRECTS, f"redirect loop back to {hops.url[:200]}")
         if past_limit:
-            return Failure.of(ErrorClass.TOO_MANY_REDIRECTS,
-                              f"more than {self._s.fetch_max_redirects} redirects (RECAP_FETCH_MAX_REDIRECTS)")
+            return Failure.of(
+                ErrorClass.TOO_MANY_REDIRECTS,
+                f"more than {self._s.fetch_max_redirects} redirects (RECAP_FETCH_MAX_REDIRECTS)",
+            )
         if host == hops.held:
             return None
         # Let go of the old host first: holding one slot while waiting for another
@@ -720,8 +732,7 @@ class Fetcher:
         """One request: (result, None) or (unused, Location) for a redirect."""
         remaining = attempt.remaining()
         if remaining <= 0:
-            return _AttemptResult(failure=self._timeout(urlsplit(url).hostname),
-                                  final_url=url), None
+            return _AttemptResult(failure=self._timeout(urlsplit(url).hostname), final_url=url), None
         timeout = (min(self._s.fetch_connect_timeout_s, remaining), remaining)
         resp = self._send(url, timeout)
         ok = False
@@ -759,13 +770,13 @@ class Fetcher:
             return _AttemptResult(failure=failure, final_url=url, retry_after=retry_after)
         directive = opt_out_directive(resp.raw.headers.getlist("X-Robots-Tag"))
         if directive:
-            return _AttemptResult(failure=Failure.of(
-                ErrorClass.OPTED_OUT, f"{host} opts out with X-Robots-Tag: {directive}"),
-                final_url=url)
+            return _AttemptResult(
+                failure=Failure.of(ErrorClass.OPTED_OUT, f"{host} opts out with X-Robots-Tag: {directive}"),
+                final_url=url,
+            )
         announced = _content_length(resp)
         if announced is not None and announced > self._s.fetch_max_bytes:
-            return _AttemptResult(failure=self._too_large(announced, "announced "),
-                                  final_url=url)
+            return _AttemptResult(failure=self._too_large(announced, "announced "), final_url=url)
         return self._read_body(resp, url, attempt)
 
     def _read_body(self, resp: requests.Response, url: str, attempt: _Attempt) -> _AttemptResult:
@@ -790,13 +801,15 @@ class Fetcher:
     # -- failures
 
     def _timeout(self, host: str | None) -> Failure:
-        return Failure.of(ErrorClass.TIMEOUT, f"no complete response from {host} within "
-                                              f"{self._s.fetch_timeout_s:g} s")
+        return Failure.of(
+            ErrorClass.TIMEOUT, f"no complete response from {host} within {self._s.fetch_timeout_s:g} s"
+        )
 
     def _too_large(self, size: int, how: str) -> Failure:
-        return Failure.of(ErrorClass.TOO_LARGE, f"body {how}{size} bytes, over the "
-                                                f"{self._s.fetch_max_bytes} byte limit "
-                                                f"(RECAP_FETCH_MAX_BYTES)")
+        return Failure.of(
+            ErrorClass.TOO_LARGE,
+            f"body {how}{size} bytes, over the {self._s.fetch_max_bytes} byte limit (RECAP_FETCH_MAX_BYTES)",
+        )
 
 
 def _status_failure(status: int, reason: str | None, host: str | None) -> Failure | None:
@@ -830,24 +843,27 @@ def _content_length(resp: requests.Response) -> int | None:
 def _discard(resp: requests.Response) -> None:
     """Read a small unwanted body so its connection goes back to the pool; else drop it."""
     length = _content_length(resp)
-    if length is not None and length <= _DRAIN_MAX and "chunked" not in (
-            resp.headers.get("Transfer-Encoding") or ""):
+    if (
+        length is not None
+        and length <= _DRAIN_MAX
+        and "chunked" not in (resp.headers.get("Transfer-Encoding") or "")
+    ):
         try:
             resp.raw.drain_conn()
             return
-        except Exception:  # noqa: BLE001, S110 - a broken body just means no reuse
+        except Exception:
             pass
     resp.raw.close()
 
 
 def _after_redirect(failure: Failure, original: str) -> Failure:
-    return Failure.of(failure.error_class,
-                      f"{failure.message} (after a redirect from {original[:200]})")
+    return Failure.of(failure.error_class, f"{failure.message} (after a redirect from {original[:200]})")
 
 
 def _stopped_failure() -> Failure:
-    return Failure.of(ErrorClass.NETWORK_ERROR, "fetch cancelled: the fetcher is closed or "
-                                                "the load was abandoned")
+    return Failure.of(
+        ErrorClass.NETWORK_ERROR, "fetch cancelled: the fetcher is closed or the load was abandoned"
+    )
 
 
 def _ms_since(start: float) -> float:

@@ -45,8 +45,7 @@ class ImageLoader:
         self._pool = ThreadPoolExecutor(self._width, thread_name_prefix="recap-load")
         self._closed = False
 
-    def load(self, items: Iterable[InputItem], *,
-             deadline: float | None = None) -> Iterator[Loaded]:
+    def load(self, items: Iterable[InputItem], *, deadline: float | None = None) -> Iterator[Loaded]:
         """One result per item taken, in completion order.
 
         `deadline` (a `time.monotonic()` value): when it passes, items still loading are
@@ -97,20 +96,19 @@ class ImageLoader:
 
     # -- one item, on a pool thread
 
-    def _run(self, ticket: int, item: InputItem, done: queue.SimpleQueue,
-             cancel: threading.Event) -> None:
+    def _run(self, ticket: int, item: InputItem, done: queue.SimpleQueue, cancel: threading.Event) -> None:
         result: Loaded | None = None
         try:
             result = self._load_one(item, cancel)
         except Exception as exc:
             log.exception("unexpected error loading %s", item.key)
-            result = Rejected(item, Failure.of(ErrorClass.NETWORK_ERROR,
-                                               f"unexpected {type(exc).__name__}: {exc}"))
+            result = Rejected(
+                item, Failure.of(ErrorClass.NETWORK_ERROR, f"unexpected {type(exc).__name__}: {exc}")
+            )
         finally:
             # Always answer, or load() would wait for this item forever.
             if result is None:
-                result = Rejected(item, Failure.of(ErrorClass.NETWORK_ERROR,
-                                                   "loading stopped unexpectedly"))
+                result = Rejected(item, Failure.of(ErrorClass.NETWORK_ERROR, "loading stopped unexpectedly"))
             done.put((ticket, result))
 
     def _load_one(self, item: InputItem, cancel: threading.Event) -> Loaded:
@@ -126,15 +124,20 @@ class ImageLoader:
             prepared = prepare_hashed(data, sha256, self.spec, self.limits, item.expected_sha256)
         except Exception as exc:
             log.warning("unexpected error preparing %s", item.key, exc_info=exc)
-            prepared = Failure.of(ErrorClass.DECODE_ERROR, f"unexpected {type(exc).__name__}: "
-                                                           f"{exc}")
+            prepared = Failure.of(ErrorClass.DECODE_ERROR, f"unexpected {type(exc).__name__}: {exc}")
         if isinstance(prepared, PreparedImage):
-            return Prepared(item, prepared.image, prepared.sha256, prepared.width,
-                            prepared.height, fetch_ms=fetch_ms, attempts=attempts)
+            return Prepared(
+                item,
+                prepared.image,
+                prepared.sha256,
+                prepared.width,
+                prepared.height,
+                fetch_ms=fetch_ms,
+                attempts=attempts,
+            )
         return Rejected(item, prepared, fetch_ms=fetch_ms, attempts=attempts, sha256=sha256)
 
-    def _read(self, item: InputItem,
-              cancel: threading.Event) -> tuple[bytes | None, Failure | None, int]:
+    def _read(self, item: InputItem, cancel: threading.Event) -> tuple[bytes | None, Failure | None, int]:
         """(data, failure, attempts) from the network or a local source."""
         url = item.url if isinstance(item.url, str) else ""
         if item.local:
@@ -142,8 +145,7 @@ class ImageLoader:
                 got = read_local(url, self._max_bytes)
             except Exception as exc:
                 log.warning("unexpected error reading %s", url, exc_info=exc)
-                got = Failure.of(ErrorClass.SOURCE_ERROR, f"unexpected {type(exc).__name__}: "
-                                                          f"{exc}")
+                got = Failure.of(ErrorClass.SOURCE_ERROR, f"unexpected {type(exc).__name__}: {exc}")
             return (None, got, 1) if isinstance(got, Failure) else (got, None, 1)
         outcome = self._fetcher.fetch(url, cancel=cancel)  # never raises; _run catches bugs
         return outcome.data, outcome.failure, max(outcome.attempts, 1)
@@ -163,5 +165,4 @@ def _next_result(done: queue.SimpleQueue, deadline: float | None):
 
 
 def _left_behind(item: InputItem) -> Rejected:
-    return Rejected(item, Failure.of(ErrorClass.TIMEOUT,
-                                     "left behind: still loading at the stage deadline"))
+    return Rejected(item, Failure.of(ErrorClass.TIMEOUT, "left behind: still loading at the stage deadline"))

@@ -22,7 +22,9 @@ BATCH_SECONDS = Histogram(
     "recap_batch_seconds", "Engine time per batch", buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 )
 FETCH_SECONDS = Histogram(
-    "recap_fetch_seconds", "Fetch + prepare time per image", buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40)
+    "recap_fetch_seconds",
+    "Fetch + prepare time per image",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40),
 )
 IMAGES_PER_SECOND = Gauge("recap_images_per_second", "Images captioned per second (last minute)")
 GPU_BUSY = Gauge("recap_gpu_busy_ratio", "Share of wall time the engine was busy (last minute)")

@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from recap.quality import quality_flags
 from recap.records import Caption, ItemResult, Prepared, Rejected
 from recap.settings import Settings
 from recap.store import JobInfo, Store
 from workers import metrics
-from workers.quality import quality_flags
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,12 @@ class _Feed:
 
 class CaptionPipeline:
     def __init__(
-        self, settings: Settings, engine, store: Store, worker: str, loader=None,
+        self,
+        settings: Settings,
+        engine,
+        store: Store,
+        worker: str,
+        loader=None,
         stopping: threading.Event | None = None,
     ):
         from workers.loader import ImageLoader
@@ -135,7 +140,9 @@ class CaptionPipeline:
         if spec not in self._loaders:
             from workers.loader import ImageLoader
 
-            self._loaders[spec] = ImageLoader(self.settings, spec, fetcher=getattr(self.loader, "_fetcher", None))
+            self._loaders[spec] = ImageLoader(
+                self.settings, spec, fetcher=getattr(self.loader, "_fetcher", None)
+            )
         return self._loaders[spec]
 
     def drain(self, timeout: float | None = None) -> None:
@@ -163,13 +170,17 @@ class CaptionPipeline:
         items = self.store.pending_items(job.id, chunk_no)
         feed = _Feed(self._loader_for(job).load(items), size=2 * self.batch_size)
         try:
-            self._run_feed(job, chunk_no, feed, len(items), outcome, on_written, should_stop, leave_stragglers)
+            self._run_feed(
+                job, chunk_no, feed, len(items), outcome, on_written, should_stop, leave_stragglers
+            )
         finally:
             if not outcome.left_to_finisher:
                 feed.close()
         return outcome
 
-    def _run_feed(self, job, chunk_no, feed, count, outcome, on_written, should_stop, leave_stragglers) -> None:
+    def _run_feed(
+        self, job, chunk_no, feed, count, outcome, on_written, should_stop, leave_stragglers
+    ) -> None:
         batch = _Batch()
         remaining = count
         may_leave = max(1, int(count * self.settings.straggler_share))
@@ -202,7 +213,7 @@ class CaptionPipeline:
                     return
         self._flush(job, chunk_no, batch, outcome, on_written)
 
-    def _flush(self, job, chunk_no, batch: "_Batch", outcome, on_written) -> None:
+    def _flush(self, job, chunk_no, batch: _Batch, outcome, on_written) -> None:
         if batch.empty():
             return
         results = self._caption(job, batch.ready) + batch.rejected
@@ -211,8 +222,10 @@ class CaptionPipeline:
 
     def _hand_off(self, job, chunk_no, feed: _Feed, remaining: int, on_written) -> None:
         thread = threading.Thread(
-            target=self._finish_stragglers, args=(job, chunk_no, feed, remaining, on_written),
-            daemon=True, name=f"recap-finisher-{chunk_no}",
+            target=self._finish_stragglers,
+            args=(job, chunk_no, feed, remaining, on_written),
+            daemon=True,
+            name=f"recap-finisher-{chunk_no}",
         )
         self.finishers = [t for t in self.finishers if t.is_alive()] + [thread]
         self.finishing.add((job.id, chunk_no))
@@ -320,8 +333,13 @@ class CaptionPipeline:
         )
 
     def _write(self, job, chunk_no, results, outcome: ChunkOutcome, on_written) -> None:
-        self.store.write_results(job.id, chunk_no, results, model_revision=self.engine.revision,
-                                 provenance_id=self._provenance_id())
+        self.store.write_results(
+            job.id,
+            chunk_no,
+            results,
+            model_revision=self.engine.revision,
+            provenance_id=self._provenance_id(),
+        )
         for r in results:
             metrics.ITEMS.labels(r.status, r.error_class or "").inc()
         outcome.done += sum(r.status == "done" for r in results)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-from importlib import metadata
 from dataclasses import dataclass
+from importlib import metadata
 
 from PIL import Image, UnidentifiedImageError, features
 
@@ -88,18 +88,21 @@ class PreparedImage:
     height: int
 
 
-def prepare_image(data: bytes, spec: ImageSpec, limits: ImageLimits,
-                  expected_sha256: str | None = None) -> PreparedImage | Failure:
+def prepare_image(
+    data: bytes, spec: ImageSpec, limits: ImageLimits, expected_sha256: str | None = None
+) -> PreparedImage | Failure:
     """Check and convert one image; a `Failure` for anything wrong with it, never raises."""
     return prepare_hashed(data, hashlib.sha256(data).hexdigest(), spec, limits, expected_sha256)
 
 
-def prepare_hashed(data: bytes, sha256: str, spec: ImageSpec, limits: ImageLimits,
-                   expected_sha256: str | None = None) -> PreparedImage | Failure:
+def prepare_hashed(
+    data: bytes, sha256: str, spec: ImageSpec, limits: ImageLimits, expected_sha256: str | None = None
+) -> PreparedImage | Failure:
     """`prepare_image` with the sha256 of `data` already computed (the loader keeps it)."""
     if expected_sha256 and expected_sha256.strip().lower() != sha256:
-        return Failure.of(ErrorClass.HASH_MISMATCH,
-                          f"sha256 {sha256} differs from the expected {expected_sha256.strip()}")
+        return Failure.of(
+            ErrorClass.HASH_MISMATCH, f"sha256 {sha256} differs from the expected {expected_sha256.strip()}"
+        )
     im = _open(data)
     if isinstance(im, Failure):
         return im
@@ -111,7 +114,7 @@ def prepare_hashed(data: bytes, sha256: str, spec: ImageSpec, limits: ImageLimit
     width, height = im.size if orientation < 5 else im.size[::-1]
     try:
         image = _decode(im, spec, orientation)
-    except Exception as exc:  # noqa: BLE001 - any decoder error is this item's alone
+    except Exception as exc:
         return Failure.of(ErrorClass.DECODE_ERROR, f"cannot decode the {im.format} image: {exc}")
     return PreparedImage(image, sha256, width, height)
 
@@ -119,16 +122,22 @@ def prepare_hashed(data: bytes, sha256: str, spec: ImageSpec, limits: ImageLimit
 def check_dimensions(width: int, height: int, limits: ImageLimits) -> Failure | None:
     """`too_many_pixels`, `too_small` or `bad_aspect` from the declared size, in that order."""
     if width * height > limits.max_pixels:
-        return Failure.of(ErrorClass.TOO_MANY_PIXELS,
-                          f"{width}x{height} is {width * height:,} pixels, over the "
-                          f"{limits.max_pixels:,} allowed (RECAP_MAX_PIXELS)")
+        return Failure.of(
+            ErrorClass.TOO_MANY_PIXELS,
+            f"{width}x{height} is {width * height:,} pixels, over the "
+            f"{limits.max_pixels:,} allowed (RECAP_MAX_PIXELS)",
+        )
     short, long = sorted((width, height))
     if short < limits.min_side:
-        return Failure.of(ErrorClass.TOO_SMALL, f"{width}x{height}: shorter side under "
-                                                f"{limits.min_side} px (RECAP_MIN_SIDE)")
+        return Failure.of(
+            ErrorClass.TOO_SMALL,
+            f"{width}x{height}: shorter side under {limits.min_side} px (RECAP_MIN_SIDE)",
+        )
     if long / short > limits.max_aspect:
-        return Failure.of(ErrorClass.BAD_ASPECT, f"{width}x{height}: aspect {long / short:.1f} "
-                                                 f"over {limits.max_aspect:g} (RECAP_MAX_ASPECT)")
+        return Failure.of(
+            ErrorClass.BAD_ASPECT,
+            f"{width}x{height}: aspect {long / short:.1f} over {limits.max_aspect:g} (RECAP_MAX_ASPECT)",
+        )
     return None
 
 
@@ -143,7 +152,7 @@ def _open(data: bytes) -> Image.Image | Failure:
         return Image.open(io.BytesIO(data), formats=READ_FORMATS)
     except UnidentifiedImageError:
         return Failure.of(ErrorClass.NOT_IMAGE, f"not an image we read ({_sniff(data)})")
-    except Exception as exc:  # noqa: BLE001 - a header Pillow chokes on
+    except Exception as exc:
         return Failure.of(ErrorClass.NOT_IMAGE, f"unreadable image header: {exc}")
 
 
@@ -170,7 +179,7 @@ def _orientation(im: Image.Image) -> int:
         exif = Image.Exif()
         exif.load(raw)
         value = int(exif.get(_ORIENTATION_TAG, 1))
-    except Exception:  # noqa: BLE001 - a broken EXIF block does not spoil the pixels
+    except Exception:
         return 1
     return value if value in _TRANSPOSE else 1
 
@@ -250,8 +259,9 @@ def _fit(im: Image.Image, spec: ImageSpec) -> Image.Image:
     # of the source that becomes that square.
     side = min(width, height)
     left, top = (width - side) / 2, (height - side) / 2
-    return im.resize((size, size), Image.Resampling.BICUBIC,
-                     box=(left, top, left + side, top + side), reducing_gap=3.0)
+    return im.resize(
+        (size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side), reducing_gap=3.0
+    )
 
 
 def _pad_to_square(im: Image.Image, size: int) -> Image.Image:

@@ -10,6 +10,7 @@ import threading
 from contextlib import contextmanager
 
 from recap.db import require_postgres
+from recap.dispatch import Dispatcher
 from recap.settings import Settings
 from recap.store import ChunkRef, Store
 from workers import metrics
@@ -26,8 +27,6 @@ def worker_name() -> str:
 
 class WorkerRuntime:
     def __init__(self, settings: Settings):
-        from producer.dispatch import Dispatcher
-
         self.settings = settings
         self.name = worker_name()
         self.store = Store(require_postgres(settings.database_url, "worker"), retry_s=settings.db_retry_s)
@@ -66,8 +65,13 @@ class WorkerRuntime:
         s = self.settings
         job = self.store.job_by_id(ref.job_id)  # before the claim: a failure here costs nothing
         if job.model != s.model:  # queue names are model slugs, and two models may share one
-            log.warning("chunk %s/%s is for model %s, this worker serves %s: skipped",
-                        ref.job_id, ref.chunk_no, job.model, s.model)
+            log.warning(
+                "chunk %s/%s is for model %s, this worker serves %s: skipped",
+                ref.job_id,
+                ref.chunk_no,
+                job.model,
+                s.model,
+            )
             return f"skipped: the job's model is {job.model}"
         pipeline = self.pipeline()
         if pipeline.is_finishing(ref.job_id, ref.chunk_no):
@@ -81,7 +85,9 @@ class WorkerRuntime:
         try:
             with self._lease_kept(ref, lease_lost):
                 outcome = pipeline.run_chunk(
-                    job, ref.chunk_no, leave_stragglers=True,
+                    job,
+                    ref.chunk_no,
+                    leave_stragglers=True,
                     should_stop=lambda: self.stopping.is_set() or lease_lost.is_set(),
                 )
         except EngineFatalError as exc:
@@ -96,7 +102,9 @@ class WorkerRuntime:
             finally:
                 os._exit(70)
         except Exception as exc:
-            self.store.release_chunk(ref.job_id, ref.chunk_no, self.name, error=f"{type(exc).__name__}: {exc}")
+            self.store.release_chunk(
+                ref.job_id, ref.chunk_no, self.name, error=f"{type(exc).__name__}: {exc}"
+            )
             raise
         if lease_lost.is_set():
             return "stopped: the lease was lost (another worker has the chunk)"
@@ -105,8 +113,10 @@ class WorkerRuntime:
             return "released: worker stopping"
         if outcome.left_to_finisher:
             metrics.CHUNKS.labels("left_to_finisher").inc()
-            return (f"{outcome.done} done, {outcome.failed} failed, "
-                    f"{outcome.left_to_finisher} straggler(s) left to the finisher")
+            return (
+                f"{outcome.done} done, {outcome.failed} failed, "
+                f"{outcome.left_to_finisher} straggler(s) left to the finisher"
+            )
         state = self.store.finish_chunk(ref.job_id, ref.chunk_no, self.name)
         metrics.CHUNKS.labels(state).inc()
         return f"{state}: {outcome.done} done, {outcome.failed} failed"

@@ -19,13 +19,15 @@ from urllib.parse import unquote, urlsplit
 from recap.errors import ErrorClass, Failure
 
 SHARD_CACHE_SIZE = 8
+
+
 def read_local(url: str, max_bytes: int) -> bytes | Failure:
     """The bytes of a local image reference; `source_error` or `too_large` as a value."""
     try:
         if url.startswith("file://"):
             return _read_file(_file_path(url), max_bytes)
         if url.startswith("tar://"):
-            member, _, target = url[len("tar://"):].partition("::")
+            member, _, target = url[len("tar://") :].partition("::")
             if not member or not target:
                 return _error(f"expected tar://MEMBER::SHARD, got {url!r}")
             return _SHARDS.get(target).read(_member_name(member), max_bytes)
@@ -47,9 +49,10 @@ def _error(message: str) -> Failure:
 
 
 def _too_large(size: int, max_bytes: int, what: str) -> Failure:
-    return Failure.of(ErrorClass.TOO_LARGE,
-                      f"{what} is {size} bytes, over the {max_bytes} byte limit "
-                      f"(RECAP_FETCH_MAX_BYTES)")
+    return Failure.of(
+        ErrorClass.TOO_LARGE,
+        f"{what} is {size} bytes, over the {max_bytes} byte limit (RECAP_FETCH_MAX_BYTES)",
+    )
 
 
 def _reason(exc: BaseException) -> str:

@@ -8,9 +8,10 @@ import threading
 
 from celery.signals import worker_process_init, worker_process_shutdown
 
+from recap.queue import CAPTION_TASK
 from recap.settings import get_settings
 from recap.store import ChunkRef
-from workers.celery_app import CAPTION_TASK, app
+from workers.celery_app import app
 
 log = logging.getLogger(__name__)
 _runtime = None

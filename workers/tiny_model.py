@@ -51,6 +51,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
 
+
 def chat_template(image_text: str) -> str:
     """The Llama-3 chat template with image blocks written as `image_text`."""
     escaped = image_text.replace("\\", "\\\\").replace("\n", "\\n").replace("'", "\\'")
@@ -107,7 +108,9 @@ def train_tokenizer(image_token: str = "<image>"):
         show_progress=False,
     )
     tok.train_from_iterator([_CORPUS] * 4, trainer)
-    tok.add_special_tokens(special_tokens(image_token))  # after training: at the end of the vocabulary, as Llama-3
+    tok.add_special_tokens(
+        special_tokens(image_token)
+    )  # after training: at the end of the vocabulary, as Llama-3
     bos_id = tok.token_to_id(BOS)
     # Like Llama-3: BOS on every encoded text (the chat template path turns it off).
     tok.post_processor = processors.TemplateProcessing(

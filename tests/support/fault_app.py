@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 
 from workers import runtime as _runtime
-from workers.celery_app import app  # noqa: F401  (celery -A finds it here)
 from workers import tasks  # noqa: F401  (registers the task)
+from workers.celery_app import app  # noqa: F401  (celery -A finds it here)
 
 _POISON = {int(n) for n in os.environ.get("RECAP_TEST_POISON_CHUNKS", "").split(",") if n}
 _original = _runtime.WorkerRuntime.pipeline

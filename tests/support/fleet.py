@@ -56,7 +56,7 @@ class Fleet:
         """`recap worker --gpus none` (or a plain celery worker of another app module)."""
         env = {**self.env, **(extra_env or {})}
         n = len(self.procs)
-        log = open(self.log_dir / f"worker{n}.log", "wb")
+        log = open(self.log_dir / f"worker{n}.log", "wb")  # noqa: SIM115  (the worker writes it while alive)
         if app is None:
             argv = [sys.executable, "-m", "recap.cli", "worker", "--gpus", "none"]
         else:
@@ -64,7 +64,7 @@ class Fleet:
             from workers.daemon import WorkerSpec, celery_argv
 
             settings = Settings(model=env["RECAP_MODEL"])
-            from workers.celery_app import queue_name
+            from recap.queue import queue_name
 
             spec = WorkerSpec(None, f"recap-test{n}-{os.getpid()}@localhost", queue_name(settings.model))
             argv = celery_argv(spec, settings, app)
@@ -78,6 +78,7 @@ class Fleet:
 
     def wait_ready(self, app, count: int, timeout: float = 90) -> list[str]:
         """Wait until `count` worker nodes answer a ping."""
+
         def nodes():
             replies = app.control.ping(timeout=1.0) or []
             names = [name for reply in replies for name in reply]
@@ -106,5 +107,7 @@ class Fleet:
 
     def logs(self) -> str:
         return "\n".join(
-            p.log_path.read_text(errors="replace") for p in self.procs if p.log_path.exists()  # type: ignore[attr-defined]
+            p.log_path.read_text(errors="replace")
+            for p in self.procs
+            if p.log_path.exists()  # type: ignore[attr-defined]
         )

@@ -99,8 +99,9 @@ def _convert(im: Image.Image, mode: str) -> Image.Image:
 
 
 @lru_cache(maxsize=256)
-def render_image(width: int, height: int, fmt: str, seed: int, mode: str = "",
-                 exif_rotate: bool = False, quality: int = 85) -> bytes:
+def render_image(
+    width: int, height: int, fmt: str, seed: int, mode: str = "", exif_rotate: bool = False, quality: int = 85
+) -> bytes:
     """Encoded bytes of a deterministic test image."""
     im = _convert(_base_image(width, height, seed), mode)
     out = io.BytesIO()
@@ -132,8 +133,12 @@ def _bomb_png() -> bytes:
     """A valid PNG header declaring 100000 x 100000 1-bit pixels, with a few bytes of data."""
     ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 1, 0, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 1000)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 @lru_cache(maxsize=1)
@@ -141,13 +146,19 @@ def _corrupt_png() -> bytes:
     """Valid signature and header; the image data is garbage (with a correct CRC)."""
     ihdr = struct.pack(">IIBBBBB", 64, 48, 8, 2, 0, 0, 0)
     garbage = bytes(random.Random(7).randrange(256) for _ in range(500))
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", garbage)
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", garbage)
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 _HTML = b"<!doctype html><html><head><title>Not an image</title></head><body>hi</body></html>"
-_SVG = (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="64" height="64">'
-        b'<rect width="64" height="64" fill="red"/></svg>')
+_SVG = (
+    b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="64" height="64">'
+    b'<rect width="64" height="64" fill="red"/></svg>'
+)
 
 
 # ---------------------------------------------------------------------------- server
@@ -184,12 +195,15 @@ class ImageServer:
         if self.ssl_context is not None:
             # Handshake in the connection's thread, so a bad client cannot stall accept().
             httpd.socket = self.ssl_context.wrap_socket(
-                httpd.socket, server_side=True, do_handshake_on_connect=False)
+                httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._httpd = httpd
         self.port = httpd.server_address[1]
         self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
-            name=f"image-server-{self.host}", daemon=True,
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name=f"image-server-{self.host}",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -301,8 +315,9 @@ class _Handler(BaseHTTPRequestHandler):
             "/redirect": self._redirect_to,
             "/redirect-loop": lambda: self._redirect("/redirect-loop", 302),
             "/robots": self._robots,
-            "/headers": lambda: self._send(200, json.dumps(dict(self.headers.items())).encode(),
-                                           "application/json"),
+            "/headers": lambda: self._send(
+                200, json.dumps(dict(self.headers.items())).encode(), "application/json"
+            ),
             "/tiny.png": lambda: self._image(4, 4, "PNG", seed=1),
             "/wide.png": lambda: self._image(1000, 10, "PNG", seed=2),
             "/anim.gif": lambda: self._send(200, _anim_gif(), "image/gif"),
@@ -322,8 +337,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------ helpers
 
-    def _send(self, code: int, body: bytes, ctype: str, headers: dict | None = None,
-              extra: list[tuple[str, str]] | None = None) -> None:
+    def _send(
+        self,
+        code: int,
+        body: bytes,
+        ctype: str,
+        headers: dict | None = None,
+        extra: list[tuple[str, str]] | None = None,
+    ) -> None:
         if code in (204, 304) or code < 200:  # statuses that never carry a body
             body = b""
         self.send_response(code)
@@ -336,8 +357,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _image(self, width: int, height: int, fmt: str, seed: int, mode: str = "",
-               exif_rotate: bool = False, quality: int = 85, **headers) -> None:
+    def _image(
+        self,
+        width: int,
+        height: int,
+        fmt: str,
+        seed: int,
+        mode: str = "",
+        exif_rotate: bool = False,
+        quality: int = 85,
+        **headers,
+    ) -> None:
         data = render_image(width, height, fmt, seed, mode, exif_rotate, quality)
         self._send(200, data, _CONTENT_TYPES[fmt], headers=headers)
 
@@ -355,8 +385,9 @@ class _Handler(BaseHTTPRequestHandler):
         seed = int(self.q("seed", str(zlib.crc32(name.encode()))))
         mode = self.q("mode")
         try:
-            self._image(int(w), int(h), fmt, seed, mode, self.q("exif_rotate") == "1",
-                        int(self.q("quality", "85")))
+            self._image(
+                int(w), int(h), fmt, seed, mode, self.q("exif_rotate") == "1", int(self.q("quality", "85"))
+            )
         except (OSError, ValueError, KeyError) as exc:  # e.g. CMYK as PNG
             self._send(400, f"cannot make that image: {exc}".encode(), "text/plain")
 
@@ -373,8 +404,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _flaky(self, name: str) -> None:
         if self.server.owner._flaky_count(name) <= int(self.q("fail", "1")):
-            return self._send(int(self.q("code", "503")), b"try again", "text/plain",
-                              self._retry_after())
+            return self._send(int(self.q("code", "503")), b"try again", "text/plain", self._retry_after())
         self._image(64, 48, "JPEG", seed=3)
 
     def _truncated(self) -> None:

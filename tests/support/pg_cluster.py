@@ -41,26 +41,37 @@ class ThrowawayCluster:
 
     @staticmethod
     def available() -> bool:
-        return bool(_pg_bin("initdb") and _pg_bin("pg_ctl")) and (os.geteuid() != 0 or shutil.which("runuser"))
+        return bool(_pg_bin("initdb") and _pg_bin("pg_ctl")) and (
+            os.geteuid() != 0 or shutil.which("runuser")
+        )
 
     def init(self) -> None:
         if os.geteuid() == 0:
             shutil.chown(self.dir, "postgres", "postgres")
-        subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"]),
-                       check=True, capture_output=True)
+        subprocess.run(
+            _as_postgres([_pg_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"]),
+            check=True,
+            capture_output=True,
+        )
 
     def start(self) -> None:
         """Start on `self.port`; a restart keeps the port (clients reconnect to it)."""
         options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
-        result = subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(self.data), "-o", options,
-                                              "-l", str(self.log), "-w", "start"]), capture_output=True)
+        result = subprocess.run(
+            _as_postgres(
+                [_pg_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.log), "-w", "start"]
+            ),
+            capture_output=True,
+        )
         if result.returncode != 0:
             log = self.log.read_text()[-2000:] if self.log.exists() else ""
             raise RuntimeError(f"pg_ctl start failed on port {self.port}:\n{log}")
 
     def stop(self) -> None:
-        subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"]),
-                       capture_output=True)
+        subprocess.run(
+            _as_postgres([_pg_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"]),
+            capture_output=True,
+        )
 
     @property
     def url(self) -> str:

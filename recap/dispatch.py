@@ -1,6 +1,7 @@
 """Dispatch: keep each model's queue fed from the chunks Postgres says are not done.
 
-Used by `recap submit` and `recap reconcile`, and by every worker after each chunk and on a
+Part of the core's queue contract. Used by `recap submit` and `recap reconcile`, and by
+every worker after each chunk and on a
 timer, so no long-lived producer is needed and a Redis that lost its lists costs only time.
 """
 
@@ -10,6 +11,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass
 
+from recap.queue import CAPTION_TASK, producer_app, queue_name
 from recap.settings import Settings
 from recap.store import ChunkRef, JobInfo, Store
 
@@ -25,11 +27,9 @@ class DispatchReport:
 
 class Dispatcher:
     def __init__(self, store: Store, settings: Settings, app=None):
-        from workers.celery_app import app as default_app
-
         self.store = store
         self.settings = settings
-        self.app = app or default_app
+        self.app = app or producer_app()  # tasks are sent by name: no worker code needed
         self._redis = None
 
     def top_up(self, jobs: list[JobInfo] | None = None, model: str | None = None) -> list[DispatchReport]:
@@ -42,8 +42,6 @@ class Dispatcher:
         return [self._top_up_queue(m, ids) for m, ids in by_model.items()]
 
     def _top_up_queue(self, model: str, job_ids: list[int]) -> DispatchReport:
-        from workers.celery_app import queue_name
-
         queue = queue_name(model)
         depth = self.queue_depth(queue)
         lost = max(0, self.store.count_chunks(job_ids, "queued") - depth)
@@ -56,8 +54,6 @@ class Dispatcher:
         return DispatchReport(queue, depth, len(refs))
 
     def _send(self, queue: str, refs: list[ChunkRef]) -> None:
-        from workers.celery_app import CAPTION_TASK
-
         with self.app.producer_or_acquire() as producer:
             for ref in refs:
                 self.app.send_task(

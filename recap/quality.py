@@ -1,4 +1,4 @@
-"""Quality flags for a generated caption (pure Python: the producer's export may use it).
+"""Quality flags for a generated caption (pure Python: workers flag captions, the export counts words).
 
 Flags (DESIGN.md): `truncated`, `repetition`, `refusal`, `too_short`. They mark, never
 drop: `recap export --exclude-flags` decides.
