@@ -203,7 +203,8 @@ def _check_inputs(inputs: list[str]) -> None:
 def _open_and_register(store, settings, name, model, inputs, columns, limit):
     """`run` and `submit` alike: the job (which owns its model, prompt and generation
     settings), then its items."""
-    from producer.jobs import TINY_ALIASES, open_job
+    from producer.jobs import open_job
+    from recap.models import TINY_MODELS as TINY_ALIASES
 
     job = open_job(store, settings, name, model)
     if model in TINY_ALIASES:
@@ -414,7 +415,7 @@ def submit(
     sha256_col: ShaCol = None,
 ) -> None:
     """Register a fleet job and its items in PostgreSQL, enqueue chunks up to the queue cap, exit."""
-    from producer.dispatch import Dispatcher
+    from recap.dispatch import Dispatcher
 
     settings = _settings()
     store = _fleet_store("submit")
@@ -459,7 +460,7 @@ def _dispatch(dispatcher, jobs):
 @command(app, "reconcile")
 def reconcile(job: Annotated[str | None, typer.Option(help="Only this job.")] = None) -> None:
     """Re-enqueue chunks that are pending, whose lease expired, or whose message is gone."""
-    from producer.dispatch import Dispatcher
+    from recap.dispatch import Dispatcher
 
     settings = _settings()
     store = _fleet_store("reconcile")
@@ -477,7 +478,7 @@ def retry(
     errors: Annotated[str, typer.Option(help="Comma-separated error classes, e.g. timeout,http_5xx.")],
 ) -> None:
     """Put failed items of these error classes back to pending and re-enqueue their chunks."""
-    from producer.dispatch import Dispatcher
+    from recap.dispatch import Dispatcher
     from recap.errors import ErrorClass
 
     classes = [c.strip() for c in errors.split(",") if c.strip()]
