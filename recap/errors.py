@@ -1,4 +1,4 @@
-"""Error classes of DESIGN.md: failures travel as values, never as free-text strings."""
+"""Error classes (docs/ARCHITECTURE.md, "Error classes"): failures travel as values, never as free text."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from enum import Enum
 
 
 class ErrorClass(str, Enum):
-    """Why an item failed. The order of definition is DESIGN.md's precedence."""
+    """Why an item failed. The order of definition is precedence in docs/ARCHITECTURE.md."""
 
     INVALID_URL = "invalid_url"
     BAD_SCHEME = "bad_scheme"
@@ -65,6 +65,17 @@ class Failure:
     @property
     def retryable(self) -> bool:
         return self.error_class.retryable
+
+
+def one_line(text: object, limit: int | None = None) -> str:
+    """`text` on one line (runs of whitespace, newlines included, become one space)."""
+    flat = " ".join(str(text).split())
+    return flat if limit is None else flat[:limit]
+
+
+def describe(error: BaseException, limit: int | None = None) -> str:
+    """An exception as one line: its type and message (the type alone when it has none)."""
+    return one_line(f"{type(error).__name__}: {error}" if str(error).strip() else type(error).__name__, limit)
 
 
 class RecapError(Exception):
