@@ -52,7 +52,9 @@ from fsspec.utils import infer_compression
 from recap.errors import RecapError
 from recap.records import InputItem
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+# Every raster format Pillow reads by default (AVIF since Pillow 11.2); the workers decide
+# what they decode, a reader only must not pass an image by.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif"})
 SIDECAR_EXTENSIONS = (".txt", ".json")
 # Sidecars and shard .txt/.json members are small; a bigger one is not a caption.
 MAX_SIDECAR_BYTES = 1 << 20
@@ -298,7 +300,7 @@ def _arrow_rows(batch: pa.RecordBatch | pa.Table, cols: _Columns) -> Iterator[Ro
     def column(name: str | None) -> list[Any]:
         return batch.column(name).to_pylist() if name else [None] * batch.num_rows
 
-    return zip(column(cols.url), column(cols.caption), column(cols.id), column(cols.sha256))
+    return zip(column(cols.url), column(cols.caption), column(cols.id), column(cols.sha256), strict=True)
 
 
 # --------------------------------------------------------------------------- table readers

@@ -503,3 +503,49 @@ def test_image_folder_names_with_url_characters_are_read_back(tmp_path):
     items = [item for batch in read_items([str(tmp_path)]) for item in batch]
     assert sorted(i.key for i in items) == ["100%25.jpg", "cat #1.jpg", "what?.jpg"]
     assert all(i.local and isinstance(read_local(i.url, 10**7), bytes) for i in items)
+
+
+IMAGE_FORMATS = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".webp": "WEBP",
+    ".gif": "GIF",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".avif": "AVIF",
+}
+
+
+def image_bytes(fmt: str) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("ext", sorted(IMAGE_FORMATS))
+def test_every_image_format_pillow_reads_is_an_item_in_folders_and_shards(tmp_path, ext):
+    """AVIF included: a folder image or shard member Pillow can decode is never passed by."""
+    from PIL import Image, features
+
+    if IMAGE_FORMATS[ext] == "AVIF" and not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF codec")
+    data = image_bytes(IMAGE_FORMATS[ext])
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / f"photo{ext}").write_bytes(data)
+    write(tmp_path / "imgs" / "photo.txt", "folder caption")
+    shard = tmp_path / "000.tar"
+    shard.write_bytes(shard_bytes([(f"s0{ext}", data), ("s0.txt", b"shard caption")]))
+    stats = ReadStats()
+    items = read_all([str(tmp_path / "imgs"), str(shard)], stats=stats)
+    assert [(i.key, i.org_caption, i.local) for i in items] == [
+        (f"photo{ext}", "folder caption", True),
+        ("s0", "shard caption", True),
+    ]
+    assert stats.files_skipped == {} and stats.rows_skipped == {}
+    for item in items:
+        with Image.open(io.BytesIO(open_ref(item.url))) as image:
+            assert image.format == IMAGE_FORMATS[ext]
