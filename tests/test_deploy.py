@@ -500,7 +500,7 @@ def test_dockerignore_keeps_the_package_and_drops_the_rest():
         "alembic.ini",
         "alembic/env.py",
         "config/recap.toml",
-        "recap/cli.py",
+        "recap/cli/__init__.py",
         "producer/jobs.py",
         "workers/celery_app.py",
         "docker/healthcheck.py",

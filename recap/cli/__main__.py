@@ -1,0 +1,3 @@
+from recap.cli import main
+
+main()
