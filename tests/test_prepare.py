@@ -1,4 +1,5 @@
-"""The prepare stage: checks in DESIGN.md's order, every mode to RGB, the model's size."""
+"""The prepare stage: checks in the order of docs/ARCHITECTURE.md ("Error classes"), every mode to
+RGB, the model's size."""
 
 from __future__ import annotations
 
@@ -8,13 +9,21 @@ import time
 import zlib
 
 import pytest
-from PIL import Image
+from PIL import Image, UnidentifiedImageError, features
 
 from recap.errors import ErrorClass as E
 from recap.errors import Failure
 from recap.records import ImageSpec
 from tests.support import http_server as srv
-from workers.prepare import CLIP_MEAN_RGB, ImageLimits, PreparedImage, prepare_image
+from workers.prepare import (
+    CLIP_MEAN_RGB,
+    READ_FORMATS,
+    WEB_FORMATS,
+    ImageLimits,
+    PreparedImage,
+    missing_codecs,
+    prepare_image,
+)
 
 LIMITS = ImageLimits(min_side=8, max_aspect=10.0, max_pixels=100_000_000)
 PAD = ImageSpec(336, "pad")
@@ -41,7 +50,7 @@ def failed(result) -> E:
 
 
 def close(a, b, tol=12) -> bool:
-    return all(abs(x - y) <= tol for x, y in zip(a, b))
+    return all(abs(x - y) <= tol for x, y in zip(a, b, strict=True))
 
 
 # ---------------------------------------------------------------------------- formats, modes
@@ -116,6 +125,42 @@ def test_exif_orientation_is_applied_and_reported():
     assert result.image.size == (40, 80)
 
 
+def web_image(fmt: str) -> bytes:
+    """A small image encoded as `fmt` by the installed Pillow (MPO: two frames, as a camera's)."""
+    im = Image.open(io.BytesIO(srv.render_image(96, 64, "PNG", seed=5))).convert("RGB")
+    if fmt == "MPO":
+        return encode(im, "MPO", save_all=True, append_images=[im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+    return encode(im, fmt)
+
+
+@pytest.mark.parametrize("fmt", WEB_FORMATS)
+def test_every_web_format_decodes_with_the_installed_pillow(fmt):
+    if fmt == "AVIF" and not features.check("avif"):
+        # A Pillow without libavif reads no AVIF, and says so where the worker starts.
+        assert "avif" in missing_codecs() and "AVIF" not in READ_FORMATS
+        return
+    data = web_image(fmt)
+    assert Image.open(io.BytesIO(data)).format == fmt  # the test made what it names
+    result = ok(prepare_image(data, PAD, LIMITS))
+    assert (result.width, result.height) == (96, 64)
+    assert result.image.size == (336, 336)
+
+
+def test_no_listed_format_lost_its_opener():
+    """Dependency drift fails here, loudly: every format we name has an opener in this Pillow,
+    except MPO where the JPEG opener reads it (Pillow 13) and AVIF where libavif is absent."""
+    Image.init()
+    assert set(READ_FORMATS) <= set(Image.OPEN)
+    lost = set(WEB_FORMATS) - set(READ_FORMATS)
+    assert lost <= {"MPO", "AVIF"}, lost
+    assert ("AVIF" in READ_FORMATS) == features.check("avif")
+    if "MPO" in lost:
+        mpo = Image.open(io.BytesIO(web_image("MPO")), formats=READ_FORMATS)
+        assert mpo.format == "MPO"
+    with pytest.raises(UnidentifiedImageError):  # not KeyError: every name is known
+        Image.open(io.BytesIO(b"not an image"), formats=READ_FORMATS)
+
+
 # ---------------------------------------------------------------------------- geometry
 
 
@@ -187,6 +232,23 @@ def test_a_square_image_at_the_target_size_is_kept():
 )
 def test_not_an_image(data):
     assert failed(prepare_image(data, PAD, LIMITS)) is E.NOT_IMAGE
+
+
+@pytest.mark.parametrize(
+    "data, hint",
+    [
+        (b"<!doctype html><html><body>nope</body></html>", "looks like HTML"),
+        (b'{"error": "not found"}', "looks like JSON"),
+        (srv._SVG, "looks like SVG, a vector format"),
+        (b"<?xml version='1.0'?><feed/>", "looks like XML"),
+        (b"just some text, not an image at all", "35 bytes starting 6a75737420736f6d"),
+    ],
+    ids=["html", "json", "svg", "xml", "text"],
+)
+def test_not_an_image_says_what_it_looks_like(data, hint):
+    result = prepare_image(data, PAD, LIMITS)
+    assert failed(result) is E.NOT_IMAGE
+    assert result.message == f"not an image we read ({hint})"
 
 
 def test_hash_checked_first_and_case_insensitively():

@@ -29,9 +29,18 @@ UNSIZED_MAX_SIDE = 1024  # spec.size None: keep the size, but never more than th
 
 # Raster formats seen on the web. A closed list also keeps Pillow's rarer decoders
 # (and their attack surface) out of reach of untrusted bytes.
-READ_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO") + (
-    ("AVIF",) if features.check("avif") else ()
-)
+WEB_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "AVIF")
+
+
+def _openable(formats: tuple[str, ...]) -> tuple[str, ...]:
+    """The `formats` this Pillow has an opener for: `Image.open` raises KeyError for any other
+    name, before it tries the rest. Pillow 13 has no MPO opener (its JPEG opener reads MPO
+    files and reports them as MPO); AVIF's opener is registered even without libavif."""
+    Image.init()  # register every plugin now; Image.open would on its first call anyway
+    return tuple(f for f in formats if f in Image.OPEN and (f != "AVIF" or features.check("avif")))
+
+
+READ_FORMATS = _openable(WEB_FORMATS)
 _DRAFTABLE = frozenset({"JPEG", "MPO"})
 _ORIENTATION_TAG = 0x0112
 _TRANSPOSE = {
