@@ -22,10 +22,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Literal
 
-Family = Literal["llava", "llava-next", "mllama"]
-FAMILIES: tuple[Family, ...] = ("llava", "llava-next", "mllama")
+from recap.models import TINY_FAMILIES, TINY_WARNING, TinyFamily
 
 TINY_NOTE = "RECAP_TINY.md"
 TINY_MARKER = "recap_tiny"  # key written into config.json: loaders can tell a tiny model
@@ -145,7 +143,7 @@ def _vision_text_configs(vocab: int, ids: dict[str, int]):
     return vision, text
 
 
-def _llava(family: Family, tokenizer, ids: dict[str, int]):
+def _llava(family: TinyFamily, tokenizer, ids: dict[str, int]):
     from transformers import (
         LlavaConfig,
         LlavaForConditionalGeneration,
@@ -228,7 +226,7 @@ def _mllama(tokenizer, ids: dict[str, int]):
     return model, processor
 
 
-def _shape_weights(model, family: Family, losers: list[int]) -> None:
+def _shape_weights(model, family: TinyFamily, losers: list[int]) -> None:
     """Peaked logits, only whole words can win, Mllama looks at the image."""
     import torch
 
@@ -245,12 +243,12 @@ def _shape_weights(model, family: Family, losers: list[int]) -> None:
                     layer.cross_attn_mlp_gate.fill_(GATE)
 
 
-def make_tiny_model(family: Family = "llava", seed: int = 0):
+def make_tiny_model(family: TinyFamily = "llava", seed: int = 0):
     """A tiny random model of `family` and its processor, in memory (see build_tiny_model)."""
     import torch
 
-    if family not in FAMILIES:
-        raise ValueError(f"unknown tiny model family {family!r}; one of {', '.join(FAMILIES)}")
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny model family {family!r}; one of {', '.join(TINY_FAMILIES)}")
     with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
         torch.manual_seed(seed)
         tokenizer = train_tokenizer(IMAGE_TOKEN[family])
@@ -270,7 +268,7 @@ def make_tiny_model(family: Family = "llava", seed: int = 0):
     return model.eval(), processor
 
 
-def build_tiny_model(out_dir: Path, family: Family = "llava", seed: int = 0) -> Path:
+def build_tiny_model(out_dir: Path, family: TinyFamily = "llava", seed: int = 0) -> Path:
     """Build, save and return `out_dir`: a tiny random model of `family` with its processor.
 
     Reload it with `AutoProcessor` / `AutoModelForImageTextToText.from_pretrained(out_dir)`.
@@ -284,11 +282,11 @@ def build_tiny_model(out_dir: Path, family: Family = "llava", seed: int = 0) -> 
     return out_dir
 
 
-def _write_note(out_dir: Path, family: Family, seed: int) -> None:
+def _write_note(out_dir: Path, family: TinyFamily, seed: int) -> None:
     (out_dir / TINY_NOTE).write_text(
         f"# recap tiny model ({family}, seed {seed})\n\n"
-        "Random weights, built in code by `workers.tiny_model.build_tiny_model` for tests and\n"
-        "offline smoke runs. **Its captions are meaningless.** Never publish them.\n"
+        "Built in code by `workers.tiny_model.build_tiny_model`.\n"
+        f"**Warning: {TINY_WARNING}.** Never publish them.\n"
     )
 
 
@@ -296,7 +294,7 @@ def is_tiny_model_dir(path: Path) -> bool:
     return (Path(path) / TINY_NOTE).exists()
 
 
-def ensure_tiny_model(cache_dir: Path, family: Family = "llava") -> Path:
+def ensure_tiny_model(cache_dir: Path, family: TinyFamily = "llava") -> Path:
     """`cache_dir/tiny-<family>`, built on first use; safe when several processes race.
 
     Built in a temporary sibling folder and renamed into place (atomic on one file
