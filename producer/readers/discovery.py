@@ -106,7 +106,8 @@ class _Directory:
     """The files of one directory by (stem, extension), indexed once per directory: a
     .txt/.json named like an image there is its sidecar, not an input."""
 
-    def __init__(self, path: str, names: set[str]):
+    def __init__(self, fs: AbstractFileSystem, path: str, names: set[str]):
+        self.fs = fs
         self.path = path
         self._by_stem = {(posixpath.splitext(n)[0], posixpath.splitext(n)[1].lower()): n for n in names}
         self._image_stems = {stem for stem, ext in self._by_stem if ext in IMAGE_EXTENSIONS}
@@ -124,19 +125,17 @@ class _Directory:
 
         return SidecarPaths(txt=path(TXT), json=path(JSON))
 
-    def sources(
-        self, fs: AbstractFileSystem, root: str, names: list[str], stats: ReadStats
-    ) -> Iterator[Source]:
-        """Sources for `names` (files of this directory, in order)."""
+    def sources(self, names: list[str], root: str, stats: ReadStats) -> Iterator[Source]:
+        """Sources for `names` (files of this directory, in order); image keys relative to `root`."""
         for name in names:
             if self.is_sidecar(name):
                 continue
             fmt = FileFormat.of(name)
             if reader_for(fmt) is None:
-                stats.files_skipped[fmt.shown] += 1
+                stats.skip_files(fmt.shown)
                 continue
             sidecars = self.sidecars_of(name) if fmt.ext in IMAGE_EXTENSIONS else SidecarPaths()
-            yield Source(fs, posixpath.join(self.path, name), fmt, root, sidecars)
+            yield Source(self.fs, posixpath.join(self.path, name), fmt, root, sidecars)
 
 
 def _walk(
@@ -153,8 +152,8 @@ def _walk(
     }
     hidden = [n for n, is_dir in entries.items() if n.startswith(".") and not is_dir]
     if hidden:  # .DS_Store, macOS ._a.jpg; hidden folders (.git, .cache) are pruned
-        stats.files_skipped[HIDDEN_FILES] += len(hidden)
-    listing = _Directory(directory, {n for n, is_dir in entries.items() if not is_dir})
+        stats.skip_files(HIDDEN_FILES, len(hidden))
+    listing = _Directory(fs, directory, {n for n, is_dir in entries.items() if not is_dir})
     # name + "/" for folders sorts "a.txt" before "a/..." as a sorted path listing does.
     for name in sorted(
         (n for n in entries if n and not n.startswith(".")), key=lambda n: n + "/" * entries[n]
@@ -162,7 +161,7 @@ def _walk(
         if entries[name]:
             yield from _walk(fs, root, stats, posixpath.join(directory, name))
         else:
-            yield from listing.sources(fs, root, [name], stats)
+            yield from listing.sources([name], root, stats)
 
 
 def _files(fs: AbstractFileSystem, paths: list[str], root: str, stats: ReadStats) -> Iterator[Source]:
@@ -174,7 +173,7 @@ def _files(fs: AbstractFileSystem, paths: list[str], root: str, stats: ReadStats
         siblings = set(names)
         if any(FileFormat.of(n).ext in IMAGE_EXTENSIONS for n in names):
             siblings |= {posixpath.basename(p) for p in fs.ls(directory, detail=False)}
-        yield from _Directory(directory, siblings).sources(fs, root, names, stats)
+        yield from _Directory(fs, directory, siblings).sources(names, root, stats)
 
 
 def _glob(
@@ -184,7 +183,7 @@ def _glob(
     files = []
     for match in matches:
         if _is_hidden(posixpath.relpath(match, base)):  # as a shell's glob leaves them out
-            stats.files_skipped[HIDDEN_FILES] += 1
+            stats.skip_files(HIDDEN_FILES)
             continue
         if fs.isdir(match):
             yield from _walk(fs, match, stats)

@@ -42,7 +42,7 @@ def read_sidecar(sidecars: Sidecars, ext: str, data: bytes, stats: ReadStats) ->
 
 def _sidecar_text(data: bytes, stats: ReadStats) -> str | None:
     if len(data) > MAX_SIDECAR_BYTES:
-        stats.bad_sidecars += 1
+        stats.bad_sidecar()
         return None
     return data.decode("utf-8", errors="replace").strip()
 
@@ -54,6 +54,6 @@ def _sidecar_json(data: bytes, stats: ReadStats) -> dict[str, Any]:
     except ValueError:
         meta = None
     if not isinstance(meta, dict):
-        stats.bad_sidecars += 1
+        stats.bad_sidecar()
         return {}
     return meta

@@ -90,7 +90,7 @@ def _add_member(
         sample.image = sample.image or info.name  # a second image (e.g. a mask) is ignored
     elif ext in SIDECAR_EXTENSIONS:
         if info.size > MAX_SIDECAR_BYTES:
-            stats.bad_sidecars += 1
+            stats.bad_sidecar()
             return
         member = tf.extractfile(info)
         read_sidecar(sample.sidecars, ext, member.read() if member is not None else b"", stats)

@@ -48,6 +48,14 @@ class ReadStats:
         self.rows_read += n
         self.rows_skipped[reason.value] += n
 
+    def skip_files(self, kind: str, n: int = 1) -> None:
+        """`n` files were not read: `kind` is their extension, or HIDDEN_FILES."""
+        self.files_skipped[kind] += n
+
+    def bad_sidecar(self) -> None:
+        """A caption file could not be read; its image is still an item."""
+        self.bad_sidecars += 1
+
     def summary(self) -> str:
         """One line for a person: what was read and what was left out, and why."""
         line = f"{self.items} items from {self.files} files ({self.rows_read} rows)"
