@@ -549,3 +549,19 @@ def test_every_image_format_pillow_reads_is_an_item_in_folders_and_shards(tmp_pa
     for item in items:
         with Image.open(io.BytesIO(open_ref(item.url))) as image:
             assert image.format == IMAGE_FORMATS[ext]
+
+
+def test_unreadable_sidecars_are_counted_and_their_images_kept(tmp_path):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    (imgs / "a.jpg").write_bytes(JPEG)
+    (imgs / "a.txt").write_bytes(b"x" * ((1 << 20) + 1))  # too big to be a caption
+    (imgs / "b.jpg").write_bytes(JPEG)
+    (imgs / "b.json").write_text("[1, 2]")  # JSON, but not an object
+    shard = tmp_path / "000.tar"
+    shard.write_bytes(shard_bytes([("s0.jpg", JPEG), ("s0.json", b"{not json"), ("s0.txt", b"kept")]))
+    stats = ReadStats()
+    items = read_all([str(imgs), str(shard)], stats=stats)
+    assert [(i.key, i.org_caption) for i in items] == [("a.jpg", None), ("b.jpg", None), ("s0", "kept")]
+    assert stats.bad_sidecars == 3
+    assert stats.summary() == "3 items from 3 files (3 rows); unreadable captions: 3"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import posixpath
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from producer.readers.columns import ColumnOptions, Sidecars, image_item
 from producer.readers.source import Source
 from producer.readers.stats import ReadStats
+from recap.records import InputItem
 
 # Every raster format Pillow reads by default (AVIF since Pillow 11.2); the workers decide
 # what they decode, a reader only must not pass an image by.
@@ -20,7 +22,9 @@ SIDECAR_EXTENSIONS = (TXT, JSON)
 MAX_SIDECAR_BYTES = 1 << 20
 
 
-def read_image(src: Source, options: ColumnOptions, stats: ReadStats, batch_rows: int):
+def read_image(
+    src: Source, options: ColumnOptions, stats: ReadStats, batch_rows: int
+) -> Iterator[list[InputItem]]:
     """One image file; key = path relative to the folder given; sidecars give the caption."""
     sidecars = Sidecars()
     for ext, path in ((TXT, src.sidecars.txt), (JSON, src.sidecars.json)):

@@ -20,7 +20,9 @@ from producer.readers.stats import ReadStats, SkipReason
 from recap.records import InputItem
 
 
-def read_txt(src: Source, options: ColumnOptions, stats: ReadStats, batch_rows: int):
+def read_txt(
+    src: Source, options: ColumnOptions, stats: ReadStats, batch_rows: int
+) -> Iterator[list[InputItem]]:
     """One URL a line; blank lines and `#` comments skipped. Column options do not apply."""
     with src.open_text() as f:
         yield from batched(_url_items(f, stats), batch_rows)
@@ -38,7 +40,9 @@ def _url_items(lines: Iterable[str], stats: ReadStats) -> Iterator[InputItem]:
             yield InputItem(url_key(url), url)
 
 
-def read_jsonl(src: Source, options: ColumnOptions, stats: ReadStats, batch_rows: int):
+def read_jsonl(
+    src: Source, options: ColumnOptions, stats: ReadStats, batch_rows: int
+) -> Iterator[list[InputItem]]:
     """One JSON object a line, read line by line: rows may differ in fields (a field that
     is null is often left out), which a columnar block reader would refuse."""
     with src.open_text() as f:

@@ -42,7 +42,9 @@ class _Sample:
     sidecars: Sidecars = field(default_factory=Sidecars)
 
 
-def read_tar(src: Source, options: ColumnOptions, stats: ReadStats, batch_rows: int):
+def read_tar(
+    src: Source, options: ColumnOptions, stats: ReadStats, batch_rows: int
+) -> Iterator[list[InputItem]]:
     """A webdataset shard: one item per sample (contiguous members sharing a key) that has
     an image. Only headers and the small .txt/.json members are read, never image bytes."""
     # A local uncompressed shard is read by seeking from header to header (image bytes are

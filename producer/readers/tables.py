@@ -16,7 +16,9 @@ from producer.readers.stats import ReadStats, SkipReason
 from recap.records import InputItem
 
 
-def read_parquet(src: Source, options: ColumnOptions, stats: ReadStats, batch_rows: int):
+def read_parquet(
+    src: Source, options: ColumnOptions, stats: ReadStats, batch_rows: int
+) -> Iterator[list[InputItem]]:
     """Row-group batches of only the needed columns: a 100 GB table costs one batch of RAM."""
     with src.open_binary(decompress=False) as f:
         parquet = pq.ParquetFile(f)
@@ -25,12 +27,16 @@ def read_parquet(src: Source, options: ColumnOptions, stats: ReadStats, batch_ro
             yield rows_to_items(arrow_rows(batch, cols), options, stats)
 
 
-def read_csv(src: Source, options: ColumnOptions, stats: ReadStats, batch_rows: int):
+def read_csv(
+    src: Source, options: ColumnOptions, stats: ReadStats, batch_rows: int
+) -> Iterator[list[InputItem]]:
     """RFC 4180 CSV with a header row; quoted fields may hold commas and newlines."""
     yield from _read_delimited(src, options, stats, ",", quoted=True)
 
 
-def read_tsv(src: Source, options: ColumnOptions, stats: ReadStats, batch_rows: int):
+def read_tsv(
+    src: Source, options: ColumnOptions, stats: ReadStats, batch_rows: int
+) -> Iterator[list[InputItem]]:
     """Tab-separated, no quoting (the IANA TSV form): captions that start with a quote, as
     in CC12M, stay as they are. A first row that is data (CC3M, CC12M) is detected."""
     yield from _read_delimited(src, options, stats, "\t", quoted=False)
