@@ -496,13 +496,17 @@ def test_image_folder_names_with_url_characters_are_read_back(tmp_path):
     """'#', '?' and '%' in file names survive the trip through a file:// reference."""
     from PIL import Image
 
+    from workers.load_result import Fetched
     from workers.sources import read_local
 
     for name in ("cat #1.jpg", "what?.jpg", "100%25.jpg"):
         Image.new("RGB", (40, 40)).save(tmp_path / name)
     items = [item for batch in read_items([str(tmp_path)]) for item in batch]
     assert sorted(i.key for i in items) == ["100%25.jpg", "cat #1.jpg", "what?.jpg"]
-    assert all(i.local and isinstance(read_local(i.url, 10**7), bytes) for i in items)
+    # read_local gives the bytes as `Fetched` (workers/load_result.py), failures as `Failed`.
+    assert all(
+        i.local and read_local(i.url, 10**7) == Fetched((tmp_path / i.key).read_bytes()) for i in items
+    )
 
 
 IMAGE_FORMATS = {
