@@ -12,9 +12,9 @@ import pytest
 from PIL import Image, UnidentifiedImageError, features
 
 from recap.errors import ErrorClass as E
-from recap.errors import Failure
 from recap.records import ImageSpec
 from tests.support import http_server as srv
+from workers.load_result import Failed
 from workers.prepare import (
     CLIP_MEAN_RGB,
     READ_FORMATS,
@@ -44,9 +44,9 @@ def ok(result) -> PreparedImage:
 
 
 def failed(result) -> E:
-    assert isinstance(result, Failure), result
-    assert result.message and "\n" not in result.message
-    return result.error_class
+    assert isinstance(result, Failed), result
+    assert result.failure.message and "\n" not in result.failure.message
+    return result.failure.error_class
 
 
 def close(a, b, tol=12) -> bool:
@@ -248,7 +248,7 @@ def test_not_an_image(data):
 def test_not_an_image_says_what_it_looks_like(data, hint):
     result = prepare_image(data, PAD, LIMITS)
     assert failed(result) is E.NOT_IMAGE
-    assert result.message == f"not an image we read ({hint})"
+    assert result.failure.message == f"not an image we read ({hint})"
 
 
 def test_hash_checked_first_and_case_insensitively():

@@ -1,10 +1,10 @@
 """Load stage: input items in, `Prepared` or `Rejected` records out, as they complete.
 
-Each item is fetched (http/https via the `Fetcher`, `file://`/`tar://` via `read_local`)
-and prepared on the same worker thread, so decoding one image overlaps the network waits
-of the others. At most `fetch_concurrency` items are taken from the input and not yet
-handed back, so memory stays flat however long the input is (and however slow the
-consumer: a new item starts only when a result has been taken).
+Each item is read (http/https via the `Fetcher`, `file://`/`tar://` via `read_local`) and
+prepared on the same worker thread, so decoding one image overlaps the network waits of the
+others. At most `fetch_concurrency` items are taken from the input and not yet handed back,
+so memory stays flat however long the input is (and however slow the consumer: a new item
+starts only when a result has been taken). See docs/ARCHITECTURE.md, "The walk of one item".
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from recap.errors import ErrorClass, Failure
 from recap.records import ImageSpec, InputItem, Prepared, Rejected
 from recap.settings import Settings
 from workers.fetch import Fetcher
+from workers.load_result import Failed, Fetched
 from workers.prepare import ImageLimits, PreparedImage, prepare_hashed
 from workers.sources import read_local
 
@@ -45,13 +46,11 @@ class ImageLoader:
         self._pool = ThreadPoolExecutor(self._width, thread_name_prefix="recap-load")
         self._closed = False
 
-    def load(self, items: Iterable[InputItem], *, deadline: float | None = None) -> Iterator[Loaded]:
+    def load(self, items: Iterable[InputItem]) -> Iterator[Loaded]:
         """One result per item taken, in completion order.
 
-        `deadline` (a `time.monotonic()` value): when it passes, items still loading are
-        yielded as `Rejected` (`timeout`, "left behind") and no further item is taken from
-        `items`, so the caller still holds the untouched rest. Closing the generator early
-        abandons the items in flight (their work stops at the next check).
+        Closing the generator early abandons the items in flight (their work stops at the
+        next check).
         """
         done: queue.SimpleQueue[tuple[int, Loaded]] = queue.SimpleQueue()
         cancel = threading.Event()
@@ -59,7 +58,7 @@ class ImageLoader:
         source, tickets = iter(items), itertools.count()
         try:
             while True:
-                while len(in_flight) < self._width and not _past(deadline):
+                while len(in_flight) < self._width:
                     item = next(source, _END)
                     if item is _END:
                         break
@@ -68,13 +67,7 @@ class ImageLoader:
                     self._pool.submit(self._run, ticket, item, done, cancel)
                 if not in_flight:
                     return
-                got = _next_result(done, deadline)
-                if got is None:  # the deadline passed with items still loading
-                    cancel.set()
-                    for item in in_flight.values():
-                        yield _left_behind(item)
-                    return
-                ticket, result = got
+                ticket, result = done.get()
                 del in_flight[ticket]
                 yield result
         finally:
@@ -112,57 +105,42 @@ class ImageLoader:
             done.put((ticket, result))
 
     def _load_one(self, item: InputItem, cancel: threading.Event) -> Loaded:
-        if cancel.is_set():
-            return _left_behind(item)
+        if cancel.is_set():  # load() was abandoned: nobody reads this answer
+            return Rejected(item, Failure.of(ErrorClass.NETWORK_ERROR, "load abandoned before it started"))
         start = time.monotonic()
-        data, failure, attempts = self._read(item, cancel)
+        got = self._read(item, cancel)
         fetch_ms = (time.monotonic() - start) * 1000.0
-        if failure is not None:
-            return Rejected(item, failure, fetch_ms=fetch_ms, attempts=attempts)
-        sha256 = hashlib.sha256(data).hexdigest()
+        attempts = max(got.attempts, 1)  # a URL refused unsent still counts as one attempt
+        if isinstance(got, Failed):
+            return Rejected(item, got.failure, fetch_ms=fetch_ms, attempts=attempts)
+        sha256 = hashlib.sha256(got.data).hexdigest()
+        prepared = self._prepare(item, got.data, sha256)
+        if isinstance(prepared, Failed):
+            return Rejected(item, prepared.failure, fetch_ms=fetch_ms, attempts=attempts, sha256=sha256)
+        return Prepared(
+            item,
+            prepared.image,
+            prepared.sha256,
+            prepared.width,
+            prepared.height,
+            fetch_ms=fetch_ms,
+            attempts=attempts,
+        )
+
+    def _read(self, item: InputItem, cancel: threading.Event) -> Fetched | Failed:
+        """The item's bytes from the network or a local source."""
+        url = item.url if isinstance(item.url, str) else ""
+        if not item.local:
+            return self._fetcher.fetch(url, cancel=cancel)  # never raises; _run catches bugs
         try:
-            prepared = prepare_hashed(data, sha256, self.spec, self.limits, item.expected_sha256)
+            return read_local(url, self._max_bytes)
+        except Exception as exc:
+            log.warning("unexpected error reading %s", url, exc_info=exc)
+            return Failed(Failure.of(ErrorClass.SOURCE_ERROR, f"unexpected {type(exc).__name__}: {exc}"))
+
+    def _prepare(self, item: InputItem, data: bytes, sha256: str) -> PreparedImage | Failed:
+        try:
+            return prepare_hashed(data, sha256, self.spec, self.limits, item.expected_sha256)
         except Exception as exc:
             log.warning("unexpected error preparing %s", item.key, exc_info=exc)
-            prepared = Failure.of(ErrorClass.DECODE_ERROR, f"unexpected {type(exc).__name__}: {exc}")
-        if isinstance(prepared, PreparedImage):
-            return Prepared(
-                item,
-                prepared.image,
-                prepared.sha256,
-                prepared.width,
-                prepared.height,
-                fetch_ms=fetch_ms,
-                attempts=attempts,
-            )
-        return Rejected(item, prepared, fetch_ms=fetch_ms, attempts=attempts, sha256=sha256)
-
-    def _read(self, item: InputItem, cancel: threading.Event) -> tuple[bytes | None, Failure | None, int]:
-        """(data, failure, attempts) from the network or a local source."""
-        url = item.url if isinstance(item.url, str) else ""
-        if item.local:
-            try:
-                got = read_local(url, self._max_bytes)
-            except Exception as exc:
-                log.warning("unexpected error reading %s", url, exc_info=exc)
-                got = Failure.of(ErrorClass.SOURCE_ERROR, f"unexpected {type(exc).__name__}: {exc}")
-            return (None, got, 1) if isinstance(got, Failure) else (got, None, 1)
-        outcome = self._fetcher.fetch(url, cancel=cancel)  # never raises; _run catches bugs
-        return outcome.data, outcome.failure, max(outcome.attempts, 1)
-
-
-def _past(deadline: float | None) -> bool:
-    return deadline is not None and time.monotonic() >= deadline
-
-
-def _next_result(done: queue.SimpleQueue, deadline: float | None):
-    if deadline is None:
-        return done.get()
-    try:
-        return done.get(timeout=max(0.0, deadline - time.monotonic()))
-    except queue.Empty:
-        return None
-
-
-def _left_behind(item: InputItem) -> Rejected:
-    return Rejected(item, Failure.of(ErrorClass.TIMEOUT, "left behind: still loading at the stage deadline"))
+            return Failed(Failure.of(ErrorClass.DECODE_ERROR, f"unexpected {type(exc).__name__}: {exc}"))

@@ -1,9 +1,9 @@
-"""Prepare stage: image bytes in, an RGB image of the size the model wants (or a `Failure`).
+"""Prepare stage: image bytes in, an RGB image of the size the model wants, or `Failed`.
 
-Checks run in DESIGN.md's order: hash, is it an image, declared dimensions (read from the
-header, before any pixel is decoded), then decoding. The image is decoded as small as the
-target allows (JPEG DCT scaling via `draft`, `reduce` for the rest) and resized once, so a
-1600 px JPEG costs a few milliseconds, not tens.
+Checks run in the precedence of docs/ARCHITECTURE.md ("Error classes"): hash, is it an
+image, declared dimensions (read from the header, before any pixel is decoded), then
+decoding. The image is decoded as small as the target allows (JPEG DCT scaling via `draft`,
+`reduce` for the rest) and resized once, so a 1600 px JPEG costs a few milliseconds, not tens.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError, features
 
 from recap.errors import ErrorClass, Failure
 from recap.records import ImageSpec
+from workers.load_result import Failed
 
 # Pillow's own decompression-bomb guard (a fixed ~179 MP cap) would overrule
 # RECAP_MAX_PIXELS; `check_dimensions` reads the declared size first, before any decoding.
@@ -99,36 +100,39 @@ class PreparedImage:
 
 def prepare_image(
     data: bytes, spec: ImageSpec, limits: ImageLimits, expected_sha256: str | None = None
-) -> PreparedImage | Failure:
-    """Check and convert one image; a `Failure` for anything wrong with it, never raises."""
+) -> PreparedImage | Failed:
+    """Check and convert one image; `Failed` for anything wrong with it, never raises."""
     return prepare_hashed(data, hashlib.sha256(data).hexdigest(), spec, limits, expected_sha256)
 
 
 def prepare_hashed(
     data: bytes, sha256: str, spec: ImageSpec, limits: ImageLimits, expected_sha256: str | None = None
-) -> PreparedImage | Failure:
+) -> PreparedImage | Failed:
     """`prepare_image` with the sha256 of `data` already computed (the loader keeps it)."""
     if expected_sha256 and expected_sha256.strip().lower() != sha256:
-        return Failure.of(
-            ErrorClass.HASH_MISMATCH, f"sha256 {sha256} differs from the expected {expected_sha256.strip()}"
+        return Failed(
+            Failure.of(
+                ErrorClass.HASH_MISMATCH,
+                f"sha256 {sha256} differs from the expected {expected_sha256.strip()}",
+            )
         )
     im = _open(data)
-    if isinstance(im, Failure):
+    if isinstance(im, Failed):
         return im
     # Pixel count, shorter side and aspect do not depend on orientation: check first.
-    failure = check_dimensions(*im.size, limits)
+    failure = _check_dimensions(*im.size, limits)
     if failure is not None:
-        return failure
+        return Failed(failure)
     orientation = _orientation(im)
     width, height = im.size if orientation < 5 else im.size[::-1]
     try:
         image = _decode(im, spec, orientation)
     except Exception as exc:
-        return Failure.of(ErrorClass.DECODE_ERROR, f"cannot decode the {im.format} image: {exc}")
+        return Failed(Failure.of(ErrorClass.DECODE_ERROR, f"cannot decode the {im.format} image: {exc}"))
     return PreparedImage(image, sha256, width, height)
 
 
-def check_dimensions(width: int, height: int, limits: ImageLimits) -> Failure | None:
+def _check_dimensions(width: int, height: int, limits: ImageLimits) -> Failure | None:
     """`too_many_pixels`, `too_small` or `bad_aspect` from the declared size, in that order."""
     if width * height > limits.max_pixels:
         return Failure.of(
@@ -153,16 +157,16 @@ def check_dimensions(width: int, height: int, limits: ImageLimits) -> Failure | 
 # ---------------------------------------------------------------------------- open
 
 
-def _open(data: bytes) -> Image.Image | Failure:
+def _open(data: bytes) -> Image.Image | Failed:
     """Open lazily (header only): no pixel is decoded here."""
     if not data:
-        return Failure.of(ErrorClass.NOT_IMAGE, "empty body")
+        return Failed(Failure.of(ErrorClass.NOT_IMAGE, "empty body"))
     try:
         return Image.open(io.BytesIO(data), formats=READ_FORMATS)
     except UnidentifiedImageError:
-        return Failure.of(ErrorClass.NOT_IMAGE, f"not an image we read ({_sniff(data)})")
+        return Failed(Failure.of(ErrorClass.NOT_IMAGE, f"not an image we read ({_sniff(data)})"))
     except Exception as exc:
-        return Failure.of(ErrorClass.NOT_IMAGE, f"unreadable image header: {exc}")
+        return Failed(Failure.of(ErrorClass.NOT_IMAGE, f"unreadable image header: {exc}"))
 
 
 def _sniff(data: bytes) -> str:

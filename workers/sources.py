@@ -17,28 +17,35 @@ from collections import OrderedDict
 from urllib.parse import unquote, urlsplit
 
 from recap.errors import ErrorClass, Failure
+from workers.load_result import Failed, Fetched
 
 SHARD_CACHE_SIZE = 8
 
 
-def read_local(url: str, max_bytes: int) -> bytes | Failure:
-    """The bytes of a local image reference; `source_error` or `too_large` as a value."""
+def read_local(url: str, max_bytes: int) -> Fetched | Failed:
+    """The bytes of a local image reference, or `Failed` with `source_error` or `too_large`."""
     try:
-        if url.startswith("file://"):
-            return _read_file(_file_path(url), max_bytes)
-        if url.startswith("tar://"):
-            member, _, target = url[len("tar://") :].partition("::")
-            if not member or not target:
-                return _error(f"expected tar://MEMBER::SHARD, got {url!r}")
-            return _SHARDS.get(target).read(_member_name(member), max_bytes)
-        return _read_fsspec(url, max_bytes)  # an image folder given as an fsspec URL
+        return Fetched(_read(url, max_bytes))
     except _SourceError as exc:
-        return exc.failure
+        return Failed(exc.failure)
     except (OSError, tarfile.TarError, ValueError, EOFError) as exc:
-        return _error(f"cannot read {url}: {_reason(exc)}")
+        return Failed(_error(f"cannot read {url}: {_reason(exc)}"))
+
+
+def _read(url: str, max_bytes: int) -> bytes:
+    if url.startswith("file://"):
+        return _read_file(_file_path(url), max_bytes)
+    if url.startswith("tar://"):
+        member, _, target = url[len("tar://") :].partition("::")
+        if not member or not target:
+            raise _SourceError(_error(f"expected tar://MEMBER::SHARD, got {url!r}"))
+        return _SHARDS.get(target).read(_member_name(member), max_bytes)
+    return _read_fsspec(url, max_bytes)  # an image folder given as an fsspec URL
 
 
 class _SourceError(Exception):
+    """A decided failure, raised from deep in a read and turned into `Failed` by `read_local`."""
+
     def __init__(self, failure: Failure):
         super().__init__(failure.message)
         self.failure = failure
@@ -48,10 +55,12 @@ def _error(message: str) -> Failure:
     return Failure.of(ErrorClass.SOURCE_ERROR, message)
 
 
-def _too_large(size: int, max_bytes: int, what: str) -> Failure:
-    return Failure.of(
-        ErrorClass.TOO_LARGE,
-        f"{what} is {size} bytes, over the {max_bytes} byte limit (RECAP_FETCH_MAX_BYTES)",
+def _too_large(size: int, max_bytes: int, what: str) -> _SourceError:
+    return _SourceError(
+        Failure.of(
+            ErrorClass.TOO_LARGE,
+            f"{what} is {size} bytes, over the {max_bytes} byte limit (RECAP_FETCH_MAX_BYTES)",
+        )
     )
 
 
@@ -59,13 +68,13 @@ def _reason(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
-def _read_fsspec(url: str, max_bytes: int) -> bytes | Failure:
-    import fsspec
+def _read_fsspec(url: str, max_bytes: int) -> bytes:
+    import fsspec  # only image folders and shards given as fsspec URLs need it
 
     with fsspec.open(url, "rb") as f:
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
-        return _too_large(len(data), max_bytes, url)
+        raise _too_large(len(data), max_bytes, url)
     return data
 
 
@@ -80,15 +89,15 @@ def _member_name(member: str) -> str:
     return member.removeprefix("./")
 
 
-def _read_file(path: str, max_bytes: int) -> bytes | Failure:
+def _read_file(path: str, max_bytes: int) -> bytes:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size > max_bytes:
-            return _too_large(size, max_bytes, path)
+            raise _too_large(size, max_bytes, path)
         # Read one byte past the limit: a file that grew since fstat is still caught.
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
-        return _too_large(len(data), max_bytes, path)
+        raise _too_large(len(data), max_bytes, path)
     return data
 
 
@@ -104,19 +113,19 @@ class _LocalShard:
         self._index: dict[str, tuple[int, int]] | None = None
         self._stamp: tuple[int, int] | None = None
 
-    def read(self, member: str, max_bytes: int) -> bytes | Failure:
+    def read(self, member: str, max_bytes: int) -> bytes:
         index = self._ensure_index()
         where = index.get(member)
         if where is None:
-            return _error(f"no member {member!r} in {self.path}")
+            raise _SourceError(_error(f"no member {member!r} in {self.path}"))
         offset, size = where
         if size > max_bytes:
-            return _too_large(size, max_bytes, f"{member} in {self.path}")
+            raise _too_large(size, max_bytes, f"{member} in {self.path}")
         with open(self.path, "rb") as f:  # own file object per read: no shared seek position
             f.seek(offset)
             data = f.read(size)
         if len(data) != size:
-            return _error(f"{member} in {self.path} is cut short")
+            raise _SourceError(_error(f"{member} in {self.path} is cut short"))
         return data
 
     def _ensure_index(self) -> dict[str, tuple[int, int]]:
@@ -145,23 +154,23 @@ class _FsspecShard:
         self._lock = threading.Lock()
         self._fs = None
 
-    def read(self, member: str, max_bytes: int) -> bytes | Failure:
+    def read(self, member: str, max_bytes: int) -> bytes:
         with self._lock:
             fs = self._filesystem()
             try:
                 info = fs.info(member)
             except FileNotFoundError:
-                return _error(f"no member {member!r} in {self.target}")
+                raise _SourceError(_error(f"no member {member!r} in {self.target}")) from None
             if info.get("type") != "file":
-                return _error(f"{member!r} in {self.target} is not a file")
+                raise _SourceError(_error(f"{member!r} in {self.target} is not a file"))
             if info.get("size", 0) > max_bytes:
-                return _too_large(info["size"], max_bytes, f"{member} in {self.target}")
+                raise _too_large(info["size"], max_bytes, f"{member} in {self.target}")
             with fs.open(member, "rb") as f:
                 return f.read()
 
     def _filesystem(self):
         if self._fs is None:
-            import fsspec
+            import fsspec  # only compressed or remote shards need it
 
             # Our own LRU holds the instance; fsspec's cache would keep evicted ones alive.
             self._fs = fsspec.filesystem("tar", fo=self.target, skip_instance_cache=True)
