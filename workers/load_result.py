@@ -25,4 +25,4 @@ class Failed:
     """A step that stopped with a classified failure."""
 
     failure: Failure
-    attempts: int = 1  # requests made before giving up: 0 when the URL was refused unsent
+    attempts: int = 1  # requests made (0: a URL refused unsent); steps that do not retry try once
