@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     compile: bool = False  # static KV cache + torch.compile of the decoding step (CUDA)
+    # The caption engine: a worker's choice, not a job's (no part of generation()); each
+    # caption's provenance names it. Default "auto": vLLM where it is installed (the vllm
+    # extra, on GPU hosts) and captions the model's family (LLaVA-1.5, LLaVA-NeXT), else
+    # transformers, so a plain install never fails and a vLLM install gets its throughput.
+    engine: Literal["auto", "transformers", "vllm"] = "auto"
+    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # share of the GPU vLLM takes
+    vllm_max_num_seqs: int = Field(256, ge=1)  # sequences vLLM keeps in flight
 
     # Work units and the fleet
     chunk_size: int = Field(256, ge=1)

@@ -26,6 +26,9 @@ from pathlib import Path
 from recap.models import TINY_FAMILIES, TINY_WARNING, TinyFamily
 
 TINY_NOTE = "RECAP_TINY.md"
+# Raise it whenever the built model changes: a cached tiny model of another build is rebuilt.
+# 2: head_dim 32 and the hub's key layout, so that vLLM loads it too.
+TINY_BUILD = 2
 TINY_MARKER = "recap_tiny"  # key written into config.json: loaders can tell a tiny model
 
 BOS, EOT, EOS, PAD = "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>", "<pad>"
@@ -72,9 +75,9 @@ _TEXT = {
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
+    "num_attention_heads": 2,  # head_dim 32: vLLM's CPU attention refuses 16
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 512,  # vLLM's max_model_len: prompt, image tokens and caption
     "rms_norm_eps": 1e-5,
     "tie_word_embeddings": False,
 }
@@ -277,14 +280,33 @@ def build_tiny_model(out_dir: Path, family: TinyFamily = "llava", seed: int = 0)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, processor = make_tiny_model(family, seed)
     model.save_pretrained(out_dir)
+    if family != "mllama":
+        _to_hub_layout(out_dir / "model.safetensors")
     processor.save_pretrained(out_dir)
     _write_note(out_dir, family, seed)  # last: its presence means the folder is complete
     return out_dir
 
 
+def _to_hub_layout(weights: Path) -> None:
+    """Rename the vision tower's keys to the layout hub LLaVA checkpoints have
+    (`vision_tower.vision_model.*`): transformers 5.2x saves `vision_tower.embeddings.*`,
+    which it reads either way, and vLLM rejects."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(weights)
+    prefix, hub_prefix = "vision_tower.", "vision_tower.vision_model."
+    renamed = {
+        hub_prefix + key.removeprefix(prefix)
+        if key.startswith(prefix) and not key.startswith(hub_prefix)
+        else key: value
+        for key, value in tensors.items()
+    }
+    save_file(renamed, weights, metadata={"format": "pt"})
+
+
 def _write_note(out_dir: Path, family: TinyFamily, seed: int) -> None:
     (out_dir / TINY_NOTE).write_text(
-        f"# recap tiny model ({family}, seed {seed})\n\n"
+        f"# recap tiny model ({family}, seed {seed}, build {TINY_BUILD})\n\n"
         "Built in code by `workers.tiny_model.build_tiny_model`.\n"
         f"**Warning: {TINY_WARNING}.** Never publish them.\n"
     )
@@ -294,31 +316,38 @@ def is_tiny_model_dir(path: Path) -> bool:
     return (Path(path) / TINY_NOTE).exists()
 
 
+def _is_current_build(path: Path) -> bool:
+    """A complete tiny model of this build (an older build is rebuilt in its place)."""
+    note = Path(path) / TINY_NOTE
+    return note.exists() and f"build {TINY_BUILD})" in note.read_text().splitlines()[0]
+
+
 def ensure_tiny_model(cache_dir: Path, family: TinyFamily = "llava") -> Path:
     """`cache_dir/tiny-<family>`, built on first use; safe when several processes race.
 
     Built in a temporary sibling folder and renamed into place (atomic on one file
     system); a file lock keeps concurrent callers from building it twice, and a lost
-    rename race is tolerated anyway (the winner's copy is identical: same seed).
+    rename race is tolerated anyway (the winner's copy is identical: same seed). A folder
+    of an older build (`TINY_BUILD` in its note) is rebuilt in place.
     """
     cache_dir = Path(cache_dir).expanduser()
     target = cache_dir / f"tiny-{family}"
-    if is_tiny_model_dir(target):
+    if _is_current_build(target):
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     with open(cache_dir / f".tiny-{family}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if is_tiny_model_dir(target):  # another process built it while we waited
+        if _is_current_build(target):  # another process built it while we waited
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{family}-", dir=cache_dir))
         try:
             build_tiny_model(tmp, family=family)
-            if target.exists():  # a half-written leftover (no note): replace it
+            if target.exists():  # an older build, or a half-written leftover (no note)
                 shutil.rmtree(target, ignore_errors=True)
             try:
                 os.rename(tmp, target)
             except OSError:
-                if not is_tiny_model_dir(target):
+                if not _is_current_build(target):
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

