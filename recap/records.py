@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from recap.errors import Failure
+from recap.states import ItemStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +77,7 @@ class ItemResult:
     """The final word on one item, as the store writes it."""
 
     key: str
-    status: Literal["done", "failed"]
+    status: ItemStatus  # done or failed (its stored word is accepted too)
     caption: str | None = None
     flags: list[str] = field(default_factory=list)
     error_class: str | None = None
@@ -88,3 +89,6 @@ class ItemResult:
     fetch_ms: float | None = None
     infer_ms: float | None = None
     worker: str | None = None
+
+    def __post_init__(self) -> None:
+        self.status = ItemStatus(self.status)

@@ -1,4 +1,5 @@
-"""Tables of DESIGN.md: jobs, chunks, items. Postgres is the source of truth; SQLite serves `recap run`."""
+"""The tables (docs/ARCHITECTURE.md, "Layers"): jobs, chunks, items and provenances.
+PostgreSQL is the source of truth; SQLite serves `recap run`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from sqlalchemy import (
     func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from recap.states import ChunkState, ItemStatus
 
 # SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -49,7 +52,7 @@ class Chunk(Base):
 
     job_id: Mapped[int] = mapped_column(BigId, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     chunk_no: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state: Mapped[str] = mapped_column(String(16), default=ChunkState.PENDING.value)
     item_count: Mapped[int] = mapped_column(Integer, default=0)
     done_count: Mapped[int] = mapped_column(Integer, default=0)
     failed_count: Mapped[int] = mapped_column(Integer, default=0)
@@ -81,7 +84,7 @@ class Item(Base):
     local: Mapped[bool] = mapped_column(Boolean, default=False)  # see InputItem.local
     org_caption: Mapped[str | None] = mapped_column(Text)
     expected_sha256: Mapped[str | None] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=ItemStatus.PENDING.value)
     error_class: Mapped[str | None] = mapped_column(String(32))
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -99,7 +102,7 @@ class Item(Base):
 
     __table_args__ = (
         Index("ix_items_job_chunk", "job_id", "chunk_no"),
-        {"postgresql_partition_by": "LIST (job_id)"},  # one partition per job (recap/store.py)
+        {"postgresql_partition_by": "LIST (job_id)"},  # one partition per job (recap/store/jobs.py)
     )
 
 
@@ -113,8 +116,3 @@ class Provenance(Base):
     digest: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of the JSON
     data: Mapped[dict] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-
-
-ITEM_STATUSES = ("pending", "done", "failed")
-CHUNK_STATES = ("pending", "queued", "running", "done", "failed")
-UNFINISHED_CHUNK_STATES = CHUNK_STATES[:3]
