@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 
 from recap.errors import RecapError
 from recap.records import InputItem, ItemResult
+from recap.states import ChunkState, ClaimRefusal, ItemStatus
+from recap.store import ItemCounts
 
 
 def _job(store, name="j", chunk_size=4):
@@ -22,16 +27,16 @@ def test_register_dedups_by_key_and_cuts_chunks(store):
     stats = store.register_items(job, [items[:6], items[4:] + items[:2]])
     assert (stats.new, stats.duplicates) == (10, 4)  # 14 read
     status = store.job_status(job)
-    assert status["items"] == {"total": 10, "pending": 10, "done": 0, "failed": 0}
-    assert status["chunks"]["pending"] == 3  # 4 + 4 + 2
+    assert status.items == ItemCounts(total=10, pending=10, done=0, failed=0)
+    assert status.chunks.pending == 3  # 4 + 4 + 2
 
     again = store.register_items(job, [items])
     assert again.new == 0
-    assert store.job_status(job)["items"]["total"] == 10
+    assert store.job_status(job).items.total == 10
 
     more = store.register_items(job, [items + _items(3, prefix="new")])
     assert more.new == 3
-    assert store.job_status(job)["chunks"]["pending"] == 4
+    assert store.job_status(job).chunks.pending == 4
 
 
 def test_limit_takes_the_first_items(store):
@@ -69,11 +74,11 @@ def test_done_item_is_never_overwritten_and_counters_follow_transitions(store):
     )
     assert changed == 1  # only the failed item moved
     status = store.job_status(job)
-    assert status["items"] == {"total": 4, "pending": 2, "done": 2, "failed": 0}
-    assert status["errors"] == {}
+    assert status.items == ItemCounts(total=4, pending=2, done=2, failed=0)
+    assert status.errors == {}
     captions = {}
     for batch in store.iter_items(job, ["done"]):
-        captions.update(zip(batch["key"], batch["caption"]))
+        captions.update(zip(batch.key, batch.caption, strict=True))
     assert captions == {"k0000": "a cat", "k0001": "a dog"}
 
 
@@ -98,7 +103,7 @@ def test_attempts_limit_fails_a_poison_chunk(store):
         store.release_chunk(job.id, 0, "w", error="RuntimeError: boom")
     claim = store.claim_chunk(job.id, 0, "w", 60, 2)
     assert claim.reason == "exhausted"
-    assert store.job_status(job)["chunks"]["failed"] == 1
+    assert store.job_status(job).chunks.failed == 1
 
 
 def test_finish_marks_done_only_when_every_item_is(store):
@@ -131,20 +136,20 @@ def test_retry_puts_failed_items_of_a_class_back(store):
     count, chunks = store.retry_failed(job, ["timeout"])
     assert (count, chunks) == (1, [0])
     status = store.job_status(job)
-    assert status["items"] == {"total": 4, "pending": 1, "done": 2, "failed": 1}
-    assert status["errors"] == {"not_image": 1}
-    assert status["chunks"]["pending"] == 1
+    assert status.items == ItemCounts(total=4, pending=1, done=2, failed=1)
+    assert status.errors == {"not_image": 1}
+    assert status.chunks.pending == 1
     assert [i.key for i in store.pending_items(job.id, 0)] == ["k0000"]
 
 
 def test_status_has_rate_and_eta_once_work_started(store):
     job = _job(store)
     store.register_items(job, [_items(8)])
-    assert store.job_status(job)["rate_per_s"] is None
+    assert store.job_status(job).rate_per_s is None
     store.claim_chunk(job.id, 0, "w", 60, 3)
     store.write_results(job.id, 0, [ItemResult(f"k000{i}", "done", caption="c") for i in range(4)])
     status = store.job_status(job)
-    assert status["rate_per_s"] > 0 and status["eta_s"] is not None and status["eta_s"] >= 0
+    assert status.rate_per_s > 0 and status.eta_s is not None and status.eta_s >= 0
 
 
 def test_each_job_has_its_own_partition_and_drops_whole(pg_url):
@@ -197,7 +202,7 @@ def test_copy_registration_numbers_chunks_like_the_generic_path(pg_url):
             ).all()
         )
     assert per_chunk == {0: 3, 1: 3, 2: 3, 3: 2}
-    assert store.job_status(job)["chunks"]["pending"] == 4
+    assert store.job_status(job).chunks.pending == 4
 
 
 def test_a_chunk_finished_during_registration_is_reopened_when_items_join_it(store):
@@ -267,6 +272,85 @@ def test_provenance_rows_are_shared_per_setup_and_recorded_on_done_items(store):
     store.write_results(job.id, 0, [ItemResult("k0001", "done", caption="a dog")], provenance_id=other)
     ids = {}
     for batch in store.iter_items(job, ["pending", "done", "failed"]):
-        ids.update(zip(batch["key"], batch["provenance_id"]))
+        ids.update(zip(batch.key, batch.provenance_id, strict=True))
     assert ids == {"k0000": first, "k0001": other, "k0002": None}
     assert store.provenances([first, other, first]) == {first: h100, other: {**h100, "dtype": "float16"}}
+
+
+def test_status_json_is_the_documented_shape(store):
+    job = _job(store)
+    store.register_items(job, [_items(6)])
+    store.claim_chunk(job.id, 0, "w", 60, 3)
+    store.write_results(job.id, 0, [ItemResult("k0000", "failed", error_class="timeout", error="t")])
+    payload = store.job_status(job).to_json()
+    assert list(payload) == ["job", "model", "items", "errors", "chunks", "rate_per_s", "eta_s"]
+    assert list(payload["items"].items()) == [("total", 6), ("pending", 5), ("done", 0), ("failed", 1)]
+    assert list(payload["chunks"].items()) == [
+        ("pending", 1),
+        ("queued", 0),
+        ("running", 1),
+        ("done", 0),
+        ("failed", 0),
+    ]
+    assert (payload["job"], payload["model"], payload["errors"]) == ("j", "tiny", {"timeout": 1})
+    assert json.loads(json.dumps(payload)) == payload  # plain JSON values, no enum members
+
+
+def test_stored_words_are_the_enum_values(store):
+    import sqlalchemy as sa
+
+    job = _job(store)
+    store.register_items(job, [_items(2)])
+    lease = store.claim_chunk(job.id, 0, "w", 60, 3)
+    store.write_results(job.id, 0, [ItemResult("k0000", ItemStatus.DONE, caption="c")])
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT state FROM chunks")).scalar() == "running"
+        statuses = conn.execute(sa.text("SELECT key, status FROM items ORDER BY key")).all()
+    assert [tuple(r) for r in statuses] == [("k0000", "done"), ("k0001", "pending")]
+    assert lease.finish() is ChunkState.PENDING
+    assert store.claim_chunk(job.id, 9, "w", 60, 3).reason is ClaimRefusal.MISSING
+
+
+def test_a_kept_lease_is_renewed_and_noticed_lost_when_taken(store):
+    import time
+
+    job = _job(store)
+    store.register_items(job, [_items(4)])
+    kept = store.claim_chunk(job.id, 0, "w1", 0.6, 3)
+    kept.keep()
+    time.sleep(1.0)  # beyond the lease: only the renewals keep it
+    assert store.claim_chunk(job.id, 0, "w2", 60, 3).reason == "leased"
+    assert kept.release(count_attempt=False) is ChunkState.PENDING
+    assert [lease.owner for lease in store.leases(job.id)] == []
+
+    stale = store.claim_chunk(job.id, 0, "w1", 0.3, 3)
+    time.sleep(0.4)  # w1 stalls past its lease and w2 takes the chunk
+    taker = store.claim_chunk(job.id, 0, "w2", 60, 3)
+    assert taker.claimed
+    stale.keep()
+    assert stale.lost.wait(5), "the keeper should notice the chunk is no longer ours"
+    assert stale.release(error="late") is ChunkState.RUNNING  # changes nothing
+    (lease,) = store.leases(job.id)
+    assert (lease.chunk_no, lease.owner) == (0, "w2") and 59 < lease.expires_in_s <= 60
+    assert taker.finish() is ChunkState.PENDING
+
+
+def test_recap_run_takes_over_only_the_chunks_of_a_killed_run_on_this_host(store):
+    import socket
+    import subprocess
+    import sys
+
+    from recap.worker_names import LocalOwner
+
+    job = _job(store)
+    store.register_items(job, [_items(8)])
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    killed = LocalOwner(int(gone.stdout), socket.gethostname())
+    alive = LocalOwner(os.getppid(), socket.gethostname())
+    assert store.claim_chunk(job.id, 0, str(killed), 60, 3).claimed
+    assert store.claim_chunk(job.id, 1, str(alive), 60, 3).claimed
+    me = str(LocalOwner.this_process())
+    assert store.claim_chunk(job.id, 0, me, 60, 3, force=True).claimed
+    assert store.claim_chunk(job.id, 1, me, 60, 3, force=True).reason is ClaimRefusal.LEASED

@@ -1,0 +1,103 @@
+"""What the dispatcher reads and marks: unfinished jobs, and chunks to enqueue."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, text
+from sqlalchemy.engine import Connection
+
+from recap.states import UNFINISHED_CHUNK_STATES, ChunkState
+from recap.store.core import StoreCore, chunks_t, jobs_t
+from recap.store.jobs import JobInfo, job_info
+from recap.transient import retrying
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRef:
+    job_id: int
+    chunk_no: int
+
+
+class Enqueue(StoreCore):
+    def unfinished_jobs(self, model: str | None = None) -> list[JobInfo]:
+        """Jobs (of `model`) with chunks still pending, queued or running: one index probe
+        per job, since every worker asks this on every feed tick."""
+        open_chunks = (
+            select(chunks_t.c.job_id)
+            .where(chunks_t.c.job_id == jobs_t.c.id, chunks_t.c.state.in_(UNFINISHED_CHUNK_STATES))
+            .exists()
+        )
+        query = select(jobs_t).where(open_chunks).order_by(jobs_t.c.id.desc())
+        if model is not None:
+            query = query.where(jobs_t.c.model == model)
+        with self.engine.connect() as conn:
+            return [job_info(r) for r in conn.execute(query).mappings()]
+
+    def count_chunks(self, job_ids: list[int], state: ChunkState) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(func.count())
+                .select_from(chunks_t)
+                .where(chunks_t.c.job_id.in_(job_ids), chunks_t.c.state == state)
+            ).scalar_one()
+
+    @retrying
+    def take_chunks_to_enqueue(
+        self,
+        job_ids: list[int],
+        room: int,
+        lost: int,
+        send: Callable[[list[ChunkRef]], None],
+        lock_key: str | None = None,
+    ) -> list[ChunkRef]:
+        """Mark chunks `queued` and send their messages, in one transaction.
+
+        In order: chunks whose lease expired (their worker died), the oldest `lost` queued
+        chunks (their message is gone, e.g. Redis was emptied), then pending chunks, up to
+        `room`. Rows are taken with FOR UPDATE SKIP LOCKED, so two dispatchers never take
+        the same chunk; a failed send rolls the marks back. A chunk sent twice is harmless:
+        the second delivery finds it claimed or done.
+        """
+        if room <= 0 or not job_ids:
+            return []
+        with self.writer.begin() as conn:
+            if self.dialect == "postgresql" and lock_key and not _try_lock(conn, lock_key):
+                return []  # another dispatcher is topping this queue up right now
+            now = self.now(conn)
+            base = chunks_t.c.job_id.in_(job_ids)
+            state = chunks_t.c.state
+            expired = (state == ChunkState.RUNNING) & (chunks_t.c.lease_expires_at < now)
+            wanted = [
+                (base & expired, chunks_t.c.lease_expires_at, room),
+                (base & (state == ChunkState.QUEUED), chunks_t.c.queued_at, min(lost, room)),
+                (base & (state == ChunkState.PENDING), chunks_t.c.chunk_no, room),
+            ]
+            refs: list[ChunkRef] = []
+            for condition, order, limit in wanted:
+                limit = min(limit, room - len(refs))
+                if limit > 0:
+                    refs += _lock_some(conn, condition, order, limit)
+            if not refs:
+                return []
+            for ref in refs:
+                self._set_chunk(conn, ref.job_id, ref.chunk_no, state=ChunkState.QUEUED, queued_at=now)
+            send(refs)
+        return refs
+
+
+def _try_lock(conn: Connection, key: str) -> bool:
+    """PostgreSQL's advisory lock on `key`, held to the end of the transaction, if free."""
+    return bool(conn.execute(text("SELECT pg_try_advisory_xact_lock(hashtext(:k))"), {"k": key}).scalar())
+
+
+def _lock_some(conn: Connection, condition, order, limit: int) -> list[ChunkRef]:
+    rows = conn.execute(
+        select(chunks_t.c.job_id, chunks_t.c.chunk_no)
+        .where(condition)
+        .order_by(order)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    return [ChunkRef(r.job_id, r.chunk_no) for r in rows]
