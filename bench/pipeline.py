@@ -106,13 +106,13 @@ def run_variant(name: str, urls: list[str], args, overlap: bool) -> dict:
     started = time.monotonic()
     run_job_locally(settings, store, job, engine, loader=loader)
     wall = time.monotonic() - started
-    status = store.job_status(job)
-    done = status["items"]["done"]
+    items = store.job_status(job).items
+    done = items.done
     return {
         "name": name,
         "wall_s": wall,
         "done": done,
-        "failed": status["items"]["failed"],
+        "failed": items.failed,
         "busy": engine.busy_s / wall,
         "images_per_s": done / wall,
         "ideal_per_s": 1 / engine.per_image_s,

@@ -58,7 +58,8 @@ def expected_nodes(processes: Iterable[tuple[int, list[str]]], host: str) -> lis
     names: set[str] = set()
     for pid, argv in processes:
         if _is_launcher(argv):
-            from workers.daemon import node_name, parse_gpus
+            from recap.worker_names import node_name
+            from workers.daemon import parse_gpus
 
             for gpu in parse_gpus(_option(argv, ("--gpus",)) or "all"):
                 names.add(node_name(gpu, pid, host))

@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import pyarrow as pa
 
 from recap.errors import RecapError
 from recap.quality import word_count
-from recap.schema import ITEM_STATUSES
-from recap.store import JobInfo, Store
+from recap.states import ItemStatus
+from recap.store import ItemColumns, JobInfo, Store
 
 EXPORT_SCHEMA = pa.schema(
     [
@@ -45,7 +45,11 @@ EXPORT_SCHEMA = pa.schema(
     ]
 )
 EXPORT_COLUMNS = EXPORT_SCHEMA.names
-STATUS_CHOICES = {"done": ["done"], "failed": ["failed"], "all": list(ITEM_STATUSES)}
+STATUS_CHOICES = {
+    "done": [ItemStatus.DONE],
+    "failed": [ItemStatus.FAILED],
+    "all": list(ItemStatus),
+}
 
 
 @dataclass(slots=True)
@@ -103,9 +107,8 @@ def _export_batches(store, job, statuses, exclude_flags, since) -> Iterator[pa.R
     for columns in store.iter_items(job, statuses, since=since):
         if exclude_flags:
             columns = _without_flags(columns, exclude_flags)
-        if columns["key"]:
-            columns["provenance"] = provenance.json(columns.pop("provenance_id"))
-            yield _record_batch(columns, static)
+        if len(columns):
+            yield _record_batch(columns, provenance.json(columns.provenance_id), static)
 
 
 class _ProvenanceLookup:
@@ -125,32 +128,30 @@ class _ProvenanceLookup:
         return [self.known[i] for i in ids]
 
 
-def _without_flags(columns: dict[str, list], exclude: set[str]) -> dict[str, list]:
-    keep = [i for i, flags in enumerate(columns["flags"]) if not exclude.intersection(flags or ())]
-    return {name: [values[i] for i in keep] for name, values in columns.items()}
+def _without_flags(columns: ItemColumns, exclude: set[str]) -> ItemColumns:
+    return columns.take([i for i, flags in enumerate(columns.flags) if not exclude.intersection(flags or ())])
 
 
-def _record_batch(columns: dict[str, list], static: dict[str, str]) -> pa.RecordBatch:
+def _record_batch(columns: ItemColumns, provenance: list, static: dict[str, str]) -> pa.RecordBatch:
     """Column by column: no per-row dict on a path that moves a billion rows."""
-    n = len(columns["key"])
     data = {
-        "key": columns["key"],
-        "url": columns["url"],
-        "re_caption": columns["caption"],
-        "org_caption": columns["org_caption"],
-        "sha256": columns["sha256"],
-        "re_length": _word_counts(columns["caption"]),
-        "org_length": _word_counts(columns["org_caption"]),
-        "status": columns["status"],
-        "error_class": columns["error_class"],
-        "error": columns["error"],
-        "width": columns["width"],
-        "height": columns["height"],
-        "model_revision": columns["model_revision"],
-        "provenance": columns["provenance"],
-        "flags": [flags or [] for flags in columns["flags"]],
-        "updated_at": [_utc(t) for t in columns["updated_at"]],
-        **{name: [value] * n for name, value in static.items()},
+        "key": columns.key,
+        "url": columns.url,
+        "re_caption": columns.caption,
+        "org_caption": columns.org_caption,
+        "sha256": columns.sha256,
+        "re_length": _word_counts(columns.caption),
+        "org_length": _word_counts(columns.org_caption),
+        "status": columns.status,
+        "error_class": columns.error_class,
+        "error": columns.error,
+        "width": columns.width,
+        "height": columns.height,
+        "model_revision": columns.model_revision,
+        "provenance": provenance,
+        "flags": [flags or [] for flags in columns.flags],
+        "updated_at": columns.updated_at,
+        **{name: [value] * len(columns) for name, value in static.items()},
     }
     arrays = [pa.array(data[field.name], type=field.type) for field in EXPORT_SCHEMA]
     return pa.RecordBatch.from_arrays(arrays, schema=EXPORT_SCHEMA)
@@ -158,14 +159,6 @@ def _record_batch(columns: dict[str, list], static: dict[str, str]) -> pa.Record
 
 def _word_counts(texts: list) -> list:
     return [None if text is None else word_count(text) for text in texts]
-
-
-def _utc(value) -> datetime | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class _ShardWriter:

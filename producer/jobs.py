@@ -27,7 +27,6 @@ def open_job(store: Store, settings: Settings, name: str, model: str) -> JobInfo
         prompt=settings.prompt,
         generation=settings.generation(),
         chunk_size=settings.chunk_size,
-        model_revision=settings.model_revision,
     )
 
 

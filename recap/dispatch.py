@@ -1,8 +1,8 @@
 """Dispatch: keep each model's queue fed from the chunks Postgres says are not done.
 
 Part of the core's queue contract. Used by `recap submit` and `recap reconcile`, and by
-every worker after each chunk and on a
-timer, so no long-lived producer is needed and a Redis that lost its lists costs only time.
+every worker after each chunk and on a timer, so no long-lived producer is needed and a
+Redis that lost its lists costs only time.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from recap.queue import CAPTION_TASK, producer_app, queue_name
 from recap.settings import Settings
+from recap.states import ChunkState
 from recap.store import ChunkRef, JobInfo, Store
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class Dispatcher:
     def _top_up_queue(self, model: str, job_ids: list[int]) -> DispatchReport:
         queue = queue_name(model)
         depth = self.queue_depth(queue)
-        lost = max(0, self.store.count_chunks(job_ids, "queued") - depth)
+        lost = max(0, self.store.count_chunks(job_ids, ChunkState.QUEUED) - depth)
         room = max(0, self.settings.max_queued_chunks - depth)
         refs = self.store.take_chunks_to_enqueue(
             job_ids, room, lost, lambda r: self._send(queue, r), lock_key=queue
@@ -66,7 +67,7 @@ class Dispatcher:
     def queue_depth(self, queue: str) -> int:
         """Messages waiting in the Redis list (in-flight ones sit in `unacked`)."""
         if self._redis is None:
-            import redis
+            import redis  # a third of a second to import: only once a queue is looked at
 
             self._redis = redis.Redis.from_url(self.settings.broker_url)
         return int(self._redis.llen(queue))

@@ -15,7 +15,9 @@ import sys
 from dataclasses import dataclass
 
 from recap.errors import RecapError
+from recap.queue import queue_name
 from recap.settings import Settings
+from recap.worker_names import WORKER_NAME_ENV, node_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +30,7 @@ class WorkerSpec:
     def env(self, base: dict[str, str]) -> dict[str, str]:
         env = dict(base)
         env["CUDA_VISIBLE_DEVICES"] = self.gpu if self.gpu is not None else ""
-        env["RECAP_WORKER_NAME"] = self.node_name
+        env[WORKER_NAME_ENV] = self.node_name
         env["RECAP_METRICS_PORT"] = str(self.metrics_port)
         if self.gpu is None:
             env["RECAP_DEVICE"] = env.get("RECAP_DEVICE", "cpu")
@@ -69,15 +71,7 @@ def parse_gpus(spec: str) -> list[str | None]:
     return ids
 
 
-def node_name(gpu: str | None, launcher_pid: int, host: str) -> str:
-    """The Celery node name of the worker `recap worker` starts for `gpu` (docker/healthcheck.py
-    derives the expected names from the launchers it sees)."""
-    return f"recap-{'cpu' if gpu is None else 'gpu' + gpu}-{launcher_pid}@{host}"
-
-
 def worker_specs(gpus: list[str | None], settings: Settings) -> list[WorkerSpec]:
-    from recap.queue import queue_name
-
     host, pid = socket.gethostname(), os.getpid()
     queue = queue_name(settings.model)
     base = settings.metrics_port

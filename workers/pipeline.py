@@ -14,10 +14,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from recap.errors import describe
 from recap.quality import quality_flags
 from recap.records import Caption, ItemResult, Prepared, Rejected
 from recap.settings import Settings
-from recap.store import JobInfo, Store
+from recap.states import ItemStatus
+from recap.store import ClaimedChunk, JobInfo, Store
 from workers import metrics
 
 log = logging.getLogger(__name__)
@@ -157,35 +159,32 @@ class CaptionPipeline:
         chunk_no: int,
         on_written: Callable[[list[ItemResult]], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
-        leave_stragglers: bool = False,
+        lease: ClaimedChunk | None = None,
     ) -> ChunkOutcome:
         """Caption the chunk's pending items; `on_written` runs after each batch is stored
-        (progress, lease renewal); `should_stop` ends the chunk early (graceful stop).
+        (progress); `should_stop` ends the chunk early (graceful stop, lease lost).
 
-        With `leave_stragglers`, the few items still loading once everything else is
+        Given the chunk's `lease`, the few items still loading once everything else is
         written (and nothing arrived for RECAP_STRAGGLER_GRACE_S) go to a background
-        finisher, so the engine can start on the next chunk instead of waiting for them.
+        finisher, so the engine can start on the next chunk instead of waiting for them;
+        the finisher keeps the lease and finishes the chunk.
         """
         outcome = ChunkOutcome(job.id, chunk_no)
         items = self.store.pending_items(job.id, chunk_no)
         feed = _Feed(self._loader_for(job).load(items), size=2 * self.batch_size)
         try:
-            self._run_feed(
-                job, chunk_no, feed, len(items), outcome, on_written, should_stop, leave_stragglers
-            )
+            self._run_feed(job, chunk_no, feed, len(items), outcome, on_written, should_stop, lease)
         finally:
             if not outcome.left_to_finisher:
                 feed.close()
         return outcome
 
-    def _run_feed(
-        self, job, chunk_no, feed, count, outcome, on_written, should_stop, leave_stragglers
-    ) -> None:
+    def _run_feed(self, job, chunk_no, feed, count, outcome, on_written, should_stop, lease) -> None:
         batch = _Batch()
         remaining = count
         may_leave = max(1, int(count * self.settings.straggler_share))
         while remaining:
-            tail = leave_stragglers and remaining <= may_leave
+            tail = lease is not None and remaining <= may_leave
             # With a stop condition, wake up now and then to look at it: a stop must not
             # wait for a whole batch of slow downloads.
             poll = _STOP_POLL_S if should_stop else None
@@ -200,7 +199,7 @@ class CaptionPipeline:
                 self._flush(job, chunk_no, batch, outcome, on_written)
                 if should_stop and should_stop():
                     return  # stopping, or the chunk is no longer ours: nothing to hand off
-                self._hand_off(job, chunk_no, feed, remaining, on_written)
+                self._hand_off(job, lease, feed, remaining, on_written)
                 outcome.left_to_finisher = remaining
                 return
             if loaded is _END:
@@ -220,40 +219,38 @@ class CaptionPipeline:
         batch.clear()
         self._write(job, chunk_no, results, outcome, on_written)
 
-    def _hand_off(self, job, chunk_no, feed: _Feed, remaining: int, on_written) -> None:
+    def _hand_off(self, job, lease: ClaimedChunk, feed: _Feed, remaining: int, on_written) -> None:
+        lease.keep()  # renewed until the finisher finishes or releases the chunk
         thread = threading.Thread(
             target=self._finish_stragglers,
-            args=(job, chunk_no, feed, remaining, on_written),
+            args=(job, lease, feed, remaining, on_written),
             daemon=True,
-            name=f"recap-finisher-{chunk_no}",
+            name=f"recap-finisher-{lease.chunk_no}",
         )
         self.finishers = [t for t in self.finishers if t.is_alive()] + [thread]
-        self.finishing.add((job.id, chunk_no))
+        self.finishing.add((job.id, lease.chunk_no))
         try:
             thread.start()
         except BaseException:
-            self.finishing.discard((job.id, chunk_no))
+            self.finishing.discard((job.id, lease.chunk_no))
             raise
 
     def is_finishing(self, job_id: int, chunk_no: int) -> bool:
         """A finisher of this process still holds the chunk: a second delivery must wait."""
         return (job_id, chunk_no) in self.finishing
 
-    def _finish_stragglers(self, job, chunk_no, feed: _Feed, remaining: int, on_written) -> None:
-        """Caption each straggler as it arrives, keep the chunk's lease meanwhile, then
-        finish the chunk. If this process dies first, the lease runs out and another
-        worker takes the chunk's pending items: nothing is done twice."""
+    def _finish_stragglers(self, job, lease: ClaimedChunk, feed: _Feed, remaining: int, on_written) -> None:
+        """Caption each straggler as it arrives (the lease is kept meanwhile), then finish
+        the chunk. If this process dies first, the lease runs out and another worker takes
+        the chunk's pending items: nothing is done twice."""
+        chunk_no = lease.chunk_no
         outcome = ChunkOutcome(job.id, chunk_no)
-        lease_s = self.settings.lease_s
-        renewed = 0.0  # renew at once: the last renewal may be up to a third of a lease ago
         try:
             while remaining and not self.stopping.is_set():
-                if time.monotonic() - renewed > lease_s / 3:
-                    if not self.store.renew_lease(job.id, chunk_no, self.worker, lease_s):
-                        log.warning("chunk %s/%s was taken over: its finisher stops", job.id, chunk_no)
-                        return
-                    renewed = time.monotonic()
-                loaded = feed.get(timeout=min(lease_s / 3, 1.0))
+                if lease.lost.is_set():
+                    log.warning("chunk %s/%s was taken over: its finisher stops", job.id, chunk_no)
+                    return
+                loaded = feed.get(timeout=_STOP_POLL_S)
                 if loaded is None:
                     continue
                 if loaded is _END:
@@ -263,13 +260,13 @@ class CaptionPipeline:
                 batch.add(self, loaded)
                 self._flush(job, chunk_no, batch, outcome, on_written)
             if self.stopping.is_set() and remaining:
-                self.store.release_chunk(job.id, chunk_no, self.worker, count_attempt=False)
+                lease.release(count_attempt=False)
             else:
-                self.store.finish_chunk(job.id, chunk_no, self.worker)
+                lease.finish()
         except Exception as exc:  # give the chunk back: another worker takes what is left
             log.exception("finishing the stragglers of chunk %s/%s failed", job.id, chunk_no)
             try:
-                self.store.release_chunk(job.id, chunk_no, self.worker, error=f"{type(exc).__name__}: {exc}")
+                lease.release(error=describe(exc))
             except Exception:  # the lease runs out instead
                 log.exception("could not give chunk %s/%s back", job.id, chunk_no)
         finally:
@@ -302,13 +299,13 @@ class CaptionPipeline:
         )
         if caption.failure is not None:
             return ItemResult(
-                status="failed",
+                status=ItemStatus.FAILED,
                 error_class=caption.failure.error_class.value,
                 error=caption.failure.message,
                 **common,
             )
         return ItemResult(
-            status="done",
+            status=ItemStatus.DONE,
             caption=caption.text,
             flags=quality_flags(caption.text, caption.finish_reason),
             **common,
@@ -323,7 +320,7 @@ class CaptionPipeline:
     def _rejected_result(self, rejected: Rejected) -> ItemResult:
         return ItemResult(
             key=rejected.item.key,
-            status="failed",
+            status=ItemStatus.FAILED,
             error_class=rejected.failure.error_class.value,
             error=rejected.failure.message,
             sha256=rejected.sha256,
@@ -341,9 +338,9 @@ class CaptionPipeline:
             provenance_id=self._provenance_id(),
         )
         for r in results:
-            metrics.ITEMS.labels(r.status, r.error_class or "").inc()
-        outcome.done += sum(r.status == "done" for r in results)
-        outcome.failed += sum(r.status == "failed" for r in results)
+            metrics.ITEMS.labels(r.status.value, r.error_class or "").inc()
+        outcome.done += sum(r.status == ItemStatus.DONE for r in results)
+        outcome.failed += sum(r.status == ItemStatus.FAILED for r in results)
         if on_written:
             on_written(results)
 

@@ -16,15 +16,23 @@ from workers.celery_app import app
 log = logging.getLogger(__name__)
 _runtime = None
 _runtime_lock = threading.Lock()
+_make_runtime = None  # Settings -> WorkerRuntime; None: the runtime as `recap worker` runs it
+
+
+def use_runtime_factory(make_runtime) -> None:
+    """Build this process's runtime with `make_runtime(settings)` (a test app hands the
+    runtime its own collaborators this way); call it before the first task."""
+    global _make_runtime
+    _make_runtime = make_runtime
 
 
 def get_runtime():
     global _runtime
     with _runtime_lock:
         if _runtime is None:
-            from workers.runtime import WorkerRuntime
+            from workers.runtime import WorkerRuntime  # the pipeline's modules: only in a pool child
 
-            _runtime = WorkerRuntime(get_settings())
+            _runtime = (_make_runtime or WorkerRuntime)(get_settings())
         return _runtime
 
 

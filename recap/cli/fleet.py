@@ -54,9 +54,9 @@ def submit(
         limit,
     )
     reports = dispatch(Dispatcher(store, settings), [job_info])
-    total = store.job_status(job_info)["items"]
+    items = store.job_status(job_info).items
     out.print(
-        f"job {job}: {total['total']:,} items ({total['done']:,} done); "
+        f"job {job}: {items.total:,} items ({items.done:,} done); "
         f"enqueued {sum(r.enqueued for r in reports)} chunk(s) on {reports[0].queue if reports else '-'}",
         highlight=False,
     )
@@ -106,6 +106,6 @@ def retry(
     settings = read_settings()
     store = fleet_store("retry")
     job_info = store.get_job(job)
-    count, chunks = store.retry_failed(job_info, classes)
+    retried = store.retry_failed(job_info, classes)
     dispatch(Dispatcher(store, settings), [job_info])
-    out.print(f"{count:,} item(s) back to pending in {len(chunks)} chunk(s) of job {job}")
+    out.print(f"{retried.items:,} item(s) back to pending in {len(retried.chunks)} chunk(s) of job {job}")

@@ -29,7 +29,7 @@ def status(
     store = local_store()
     jobs = [store.get_job(job)] if job else store.list_jobs()
     if as_json:
-        payload = [store.job_status(j) for j in jobs]
+        payload = [store.job_status(j).to_json() for j in jobs]
         out.print_json(json.dumps(payload[0] if job else payload))
         return
     if not watch:

@@ -77,7 +77,7 @@ def run(
 
 def caption_with_progress(settings: Settings, store: Store, job: JobInfo, model: str) -> None:
     """Caption what is pending, with a progress bar; Ctrl-C keeps what was written."""
-    todo = store.job_status(job)["items"]["pending"]
+    todo = store.job_status(job).items.pending
     if todo == 0:
         err.print("nothing left to caption")
         return
