@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -74,7 +75,21 @@ def make_urls(base: str, n: int, bad_share: float, deadline_s: float) -> list[st
     return urls
 
 
-def run_variant(name: str, urls: list[str], args, overlap: bool) -> dict:
+@dataclass(frozen=True, slots=True)
+class VariantResult:
+    name: str
+    wall_s: float
+    done: int
+    failed: int
+    busy: float  # share of the wall time the engine was busy
+    ideal_per_s: float  # images per second of an engine that never waits
+
+    @property
+    def images_per_s(self) -> float:
+        return self.done / self.wall_s
+
+
+def run_variant(name: str, urls: list[str], args, overlap: bool) -> VariantResult:
     from producer.jobs import open_job
     from recap.db import upgrade
     from recap.records import InputItem
@@ -107,16 +122,7 @@ def run_variant(name: str, urls: list[str], args, overlap: bool) -> dict:
     run_job_locally(settings, store, job, engine, loader=loader)
     wall = time.monotonic() - started
     items = store.job_status(job).items
-    done = items.done
-    return {
-        "name": name,
-        "wall_s": wall,
-        "done": done,
-        "failed": items.failed,
-        "busy": engine.busy_s / wall,
-        "images_per_s": done / wall,
-        "ideal_per_s": 1 / engine.per_image_s,
-    }
+    return VariantResult(name, wall, items.done, items.failed, engine.busy_s / wall, 1 / engine.per_image_s)
 
 
 def main() -> None:
@@ -147,11 +153,11 @@ def main() -> None:
     server.terminate()
     for r in results:
         print(
-            f"{r['name']:>20}: {r['images_per_s']:6.1f} images/s ({r['images_per_s'] / r['ideal_per_s']:.0%} "
-            f"of the engine-bound {r['ideal_per_s']:.1f}/s), engine busy {r['busy']:.0%}, "
-            f"{r['done']} done, {r['failed']} failed, {r['wall_s']:.1f}s"
+            f"{r.name:>20}: {r.images_per_s:6.1f} images/s ({r.images_per_s / r.ideal_per_s:.0%} "
+            f"of the engine-bound {r.ideal_per_s:.1f}/s), engine busy {r.busy:.0%}, "
+            f"{r.done} done, {r.failed} failed, {r.wall_s:.1f}s"
         )
-    print(f"overlap / fetch-then-caption: {results[0]['images_per_s'] / results[1]['images_per_s']:.2f}x")
+    print(f"overlap / fetch-then-caption: {results[0].images_per_s / results[1].images_per_s:.2f}x")
 
 
 if __name__ == "__main__":

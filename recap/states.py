@@ -41,6 +41,4 @@ class ClaimRefusal(str, Enum):
     MISSING = "missing"  # no such chunk (its job was dropped)
 
 
-ITEM_STATUSES = tuple(status.value for status in ItemStatus)
-CHUNK_STATES = tuple(state.value for state in ChunkState)
 UNFINISHED_CHUNK_STATES = tuple(state for state in ChunkState if not state.finished)
