@@ -5,34 +5,35 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from recap.queue import CAPTION_TASK
-from recap.settings import get_settings
+from recap.settings import Settings, get_settings
 from recap.store import ChunkRef
 from workers.celery_app import app
+from workers.metrics import serve
+from workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
 _runtime = None
 _runtime_lock = threading.Lock()
-_make_runtime = None  # Settings -> WorkerRuntime; None: the runtime as `recap worker` runs it
+_make_runtime: Callable[[Settings], WorkerRuntime] = WorkerRuntime
 
 
-def use_runtime_factory(make_runtime) -> None:
+def use_runtime_factory(make_runtime: Callable[[Settings], WorkerRuntime]) -> None:
     """Build this process's runtime with `make_runtime(settings)` (a test app hands the
     runtime its own collaborators this way); call it before the first task."""
     global _make_runtime
     _make_runtime = make_runtime
 
 
-def get_runtime():
+def get_runtime() -> WorkerRuntime:
     global _runtime
     with _runtime_lock:
         if _runtime is None:
-            from workers.runtime import WorkerRuntime  # the pipeline's modules: only in a pool child
-
-            _runtime = (_make_runtime or WorkerRuntime)(get_settings())
+            _runtime = _make_runtime(get_settings())
         return _runtime
 
 
@@ -40,8 +41,7 @@ def get_runtime():
 def _warm_up(**_kwargs) -> None:
     """Per-process start: cheap set-up only (store, feeder); the model loads on first use."""
     runtime = get_runtime()
-    from workers.metrics import serve
-    from workers.prepare import missing_codecs, pillow_build
+    from workers.prepare import missing_codecs, pillow_build  # Pillow: in the pool child only
 
     serve(runtime.settings.metrics_port)
     log.info("images are prepared with %s", pillow_build())
