@@ -79,7 +79,7 @@ def _tail_loop(words: list[str]) -> bool:
 def _low_distinct_trigrams(words: list[str]) -> bool:
     if len(words) < RATIO_MIN_WORDS:
         return False
-    trigrams = list(zip(words, words[1:], words[2:]))
+    trigrams = list(zip(words, words[1:], words[2:], strict=False))  # shifted copies: shorter by design
     return len(set(trigrams)) / len(trigrams) < MIN_DISTINCT_TRIGRAMS
 
 

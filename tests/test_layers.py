@@ -27,7 +27,9 @@ def lint_imports(root: Path) -> subprocess.CompletedProcess:
 @pytest.fixture()
 def tree_copy(tmp_path: Path) -> Path:
     for name in ("recap", "producer", "workers"):
-        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "_bundled"))
+        shutil.copytree(
+            REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "_bundled")
+        )
     shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
     return tmp_path
 
