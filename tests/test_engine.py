@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import shutil
@@ -104,7 +105,7 @@ def test_batched_output_equals_one_at_a_time(engines, family):
     engine = engines[family]
     imgs, ps = images(6), prompts(6)
     batched = texts(engine.caption(imgs, ps))
-    single = [engine.caption([im], [p])[0].text for im, p in zip(imgs, ps)]
+    single = [engine.caption([im], [p])[0].text for im, p in zip(imgs, ps, strict=True)]
     assert batched == single
 
 
@@ -217,7 +218,7 @@ def test_eot_stops_generation_and_sets_finish_reason(model_dirs, settings):
     captions = engine.caption(imgs, ps)
     first = captions[0]
     assert (first.finish_reason, first.n_tokens, first.text) == ("stop", k, " ".join(words[:k]))
-    for caption, full in zip(captions, baseline):
+    for caption, full in zip(captions, baseline, strict=True):
         assert caption.finish_reason == ("stop" if caption.n_tokens < MAX_NEW else "length")
         assert full.startswith(caption.text)
         assert "eot" not in caption.text
@@ -371,3 +372,49 @@ def test_compiled_decoding_gives_the_same_captions(model_dirs, settings, engines
     eager = engines["llava"].caption(imgs, ps, {"max_new_tokens": 4})
     assert texts(compiled) == texts(eager)
     assert [c.n_tokens for c in compiled] == [4, 4, 4]
+
+
+# -- the engine choice and the tiny checkpoints vLLM also loads ------------------------------
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_asking_for_vllm_where_it_is_not_installed_is_a_one_line_error(settings):
+    from recap.errors import RecapError
+    from workers.engine import check_engine_choice, choose_engine
+
+    vllm = settings.model_copy(update={"engine": "vllm"})
+    with pytest.raises(RecapError, match="RECAP_ENGINE=vllm but vLLM is not installed") as refused:
+        check_engine_choice(vllm, "tiny")
+    assert "\n" not in str(refused.value) and "recap-fleet[vllm]" in str(refused.value)
+    auto = choose_engine(settings.model_copy(update={"engine": "auto"}), "tiny")
+    assert auto.name == "transformers" and "not installed" in auto.reason
+    assert load_engine(settings.model_copy(update={"engine": "auto"}), "tiny").provenance["engine"] == (
+        "transformers"
+    )
+    assert "engine" not in settings.generation()  # a worker's choice, not a job's
+
+
+def test_tiny_checkpoints_have_the_hub_key_layout_and_head_dim_32(model_dirs):
+    from safetensors import safe_open
+
+    for family in ("llava", "llava-next"):
+        with safe_open(str(model_dirs[family] / "model.safetensors"), "pt") as weights:
+            keys = list(weights.keys())
+        assert any(k.startswith("vision_tower.vision_model.embeddings.") for k in keys)
+        assert not any(k.startswith("vision_tower.embeddings.") for k in keys)
+        assert any(k.startswith("language_model.model.layers.") for k in keys)
+        assert any(k.startswith("multi_modal_projector.") for k in keys)
+        text = json.loads((model_dirs[family] / "config.json").read_text())["text_config"]
+        assert text["hidden_size"] // text["num_attention_heads"] == 32  # vLLM's CPU attention
+
+
+def test_a_cached_tiny_model_of_an_older_build_is_rebuilt(tmp_path):
+    from workers.tiny_model import TINY_BUILD
+
+    built = ensure_tiny_model(tmp_path)
+    note = built / TINY_NOTE
+    note.write_text(note.read_text().replace(f"build {TINY_BUILD})", f"build {TINY_BUILD - 1})"))
+    (built / "model.safetensors").write_bytes(b"an old build")
+    assert ensure_tiny_model(tmp_path) == built
+    assert f"build {TINY_BUILD})" in note.read_text()
+    assert (built / "model.safetensors").stat().st_size > 1000
