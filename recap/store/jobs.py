@@ -23,6 +23,8 @@ _PARTITION_DDL = (
 
 @dataclass(frozen=True, slots=True)
 class JobInfo:
+    """A job, with the model, prompt and generation settings it owns (its identity)."""
+
     id: int
     name: str
     model: str
