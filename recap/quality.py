@@ -1,6 +1,6 @@
 """Quality flags for a generated caption (pure Python: workers flag captions, the export counts words).
 
-Flags (DESIGN.md): `truncated`, `repetition`, `refusal`, `too_short`. They mark, never
+Flags (docs/ARCHITECTURE.md, "Contracts"): `truncated`, `repetition`, `refusal`, `too_short`. They mark, never
 drop: `recap export --exclude-flags` decides.
 """
 
