@@ -59,8 +59,7 @@ class Failure:
 
     @classmethod
     def of(cls, error_class: ErrorClass, message: str) -> Failure:
-        one_line = " ".join(str(message).split())
-        return cls(error_class, one_line[:500])
+        return cls(error_class, one_line(message, 500))
 
     @property
     def retryable(self) -> bool:
