@@ -14,6 +14,14 @@
 #   --build-arg CUDA_IMAGE=nvidia/cuda:12.6.3-base-ubuntu24.04 \
 #   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 #
+# The vLLM caption engine (README, "Choosing the engine"): --build-arg ENGINE=vllm adds
+# recap's vllm extra. vLLM pins its torch (0.33: torch 2.14.0), so build it with that torch:
+#   docker build -f docker/worker.Dockerfile --build-arg ENGINE=vllm \
+#     --build-arg TORCH_VERSION=2.14.0 -t recap-worker:vllm .
+# (another TORCH_VERSION still builds, but pip then downloads vLLM's torch over it). The
+# image is about 3 GB larger; RECAP_ENGINE=auto (the default) then captions LLaVA-1.5 and
+# LLaVA-NeXT models with vLLM and Llama 3.2 Vision with transformers.
+#
 # Pillow-SIMD (AVX2) replaces Pillow: it resizes every image about 5x faster on the CPU
 # (README, performance). It needs a CPU with AVX2, as every x86-64 server CPU since 2015
 # has; --build-arg PILLOW_SIMD=0 keeps plain Pillow.
@@ -41,6 +49,8 @@ RUN mkdir /wheels \
 # -- the worker image
 FROM ${CUDA_IMAGE}
 ARG PILLOW_SIMD
+# transformers (the engine every image has), or vllm (the vLLM engine as well)
+ARG ENGINE=transformers
 
 # torch within the project's range (torch>=2.3,<2.15), from PyTorch's CUDA index.
 ARG TORCH_VERSION=2.13.0
@@ -76,8 +86,12 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_
 # The package with its worker extra (transformers, tokenizers); the torch above satisfies
 # the extra's torch requirement and is kept. No torchvision: transformers uses its PIL
 # image processors without it, and a torchvision not built for this torch breaks imports.
+# ENGINE=vllm: the vllm extra too (vLLM brings the torchvision built for its torch).
 COPY . /tmp/recap-src
 RUN pip install --no-cache-dir "/tmp/recap-src[worker]" \
+ && if [ "${ENGINE}" = vllm ]; then \
+      pip install --no-cache-dir "/tmp/recap-src[worker,vllm]" && python -c "import vllm; print('vllm', vllm.__version__)"; \
+    fi \
  && rm -rf /tmp/recap-src \
  && python -c "import torch, transformers, recap, workers; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
