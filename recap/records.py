@@ -47,7 +47,6 @@ class Prepared:
     width: int  # of the original image
     height: int
     fetch_ms: float = 0.0
-    attempts: int = 1
 
 
 @dataclass(slots=True)
@@ -57,7 +56,6 @@ class Rejected:
     item: InputItem
     failure: Failure
     fetch_ms: float = 0.0
-    attempts: int = 1
     sha256: str | None = None
 
 
@@ -85,7 +83,6 @@ class ItemResult:
     sha256: str | None = None
     width: int | None = None
     height: int | None = None
-    attempts: int = 1
     fetch_ms: float | None = None
     infer_ms: float | None = None
     worker: str | None = None

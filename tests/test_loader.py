@@ -158,11 +158,6 @@ def test_expected_sha256_comes_from_the_item(loader, image_server):
     assert results["wrong"].sha256 == right
 
 
-def test_attempts_are_recorded(loader, image_server):
-    (result,) = loader.load([InputItem("flaky", image_server.url("/flaky/loader-1?fail=1"))])
-    assert isinstance(result, Prepared) and result.attempts == 2
-
-
 # ---------------------------------------------------------------------------- ordering, memory
 
 

@@ -110,13 +110,12 @@ class ImageLoader:
         start = time.monotonic()
         got = self._read(item, cancel)
         fetch_ms = (time.monotonic() - start) * 1000.0
-        attempts = max(got.attempts, 1)  # a URL refused unsent still counts as one attempt
         if isinstance(got, Failed):
-            return Rejected(item, got.failure, fetch_ms=fetch_ms, attempts=attempts)
+            return Rejected(item, got.failure, fetch_ms=fetch_ms)
         sha256 = hashlib.sha256(got.data).hexdigest()
         prepared = self._prepare(item, got.data, sha256)
         if isinstance(prepared, Failed):
-            return Rejected(item, prepared.failure, fetch_ms=fetch_ms, attempts=attempts, sha256=sha256)
+            return Rejected(item, prepared.failure, fetch_ms=fetch_ms, sha256=sha256)
         return Prepared(
             item,
             prepared.image,
@@ -124,7 +123,6 @@ class ImageLoader:
             prepared.width,
             prepared.height,
             fetch_ms=fetch_ms,
-            attempts=attempts,
         )
 
     def _read(self, item: InputItem, cancel: threading.Event) -> Fetched | Failed:

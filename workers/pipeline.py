@@ -292,7 +292,6 @@ class CaptionPipeline:
             sha256=prepared.sha256,
             width=prepared.width,
             height=prepared.height,
-            attempts=prepared.attempts,
             fetch_ms=prepared.fetch_ms,
             infer_ms=caption.infer_ms,
             worker=self.worker,
@@ -324,7 +323,6 @@ class CaptionPipeline:
             error_class=rejected.failure.error_class.value,
             error=rejected.failure.message,
             sha256=rejected.sha256,
-            attempts=rejected.attempts,
             fetch_ms=rejected.fetch_ms,
             worker=self.worker,
         )
