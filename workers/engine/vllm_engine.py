@@ -70,8 +70,10 @@ class VllmEngine:
         revision: str | None = None,
         is_tiny: bool = False,
         fault_injector: FaultInjector | None = None,
+        engine_args: dict | None = None,
     ) -> None:
-        """Load `source` (a local folder or a hub id at `revision`) into vLLM."""
+        """Load `source` (a local folder or a hub id at `revision`) into vLLM; `engine_args`
+        adds to or overrides the arguments of vLLM's `LLM` (the benchmark's dummy weights)."""
         # Before vLLM is imported: its engine core runs in this process, not a child.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         import vllm
@@ -95,9 +97,9 @@ class VllmEngine:
         self._end_ids = setup_tokens(self.tokenizer, config, self._hf_generation)
         self._strip_specials = special_token_pattern(self.processor)
         self.max_num_seqs = settings.vllm_max_num_seqs
-        self.llm = vllm.LLM(**self._engine_args(located, config))
+        self.llm = vllm.LLM(**{**self._engine_args(located, config), **(engine_args or {})})
         self.revision = located.recorded_revision()
-        self._params: dict[str | None, object] = {}
+        self._params: dict[str | None, object] = {None: self._sampling_params(settings)}
         self.image_spec = image_spec(self.processor, self.family, settings.image_mode)
         self.default_batch_size = settings.batch_size or self._default_batch_size()
         self.provenance = self._provenance(vllm.__version__)
@@ -243,7 +245,7 @@ class VllmEngine:
         key = None if not generation else json.dumps(generation, sort_keys=True)
         if key not in self._params:
             fields = ("max_new_tokens", "do_sample", "temperature", "top_p", "repetition_penalty")
-            update = {f: generation[f] for f in fields if generation and generation.get(f) is not None}
+            update = {f: generation[f] for f in fields if generation.get(f) is not None}
             self._params[key] = self._sampling_params(self.settings.model_copy(update=update))
         return self._params[key]
 
