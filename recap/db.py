@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 
 from recap.errors import FleetConfigError, RecapError
 from recap.resources import resource_path
@@ -19,9 +19,35 @@ def database_url_or_default(url: str | None = None) -> str:
     return url or get_settings().database_url or LOCAL_DEFAULT_URL
 
 
+# (backend, driver) pairs recap can open; None: SQLAlchemy's default driver for the backend.
+_USABLE_DRIVERS = {"postgresql": (None, "psycopg"), "postgres": (None,), "sqlite": (None, "pysqlite")}
+
+
+class InvalidDatabaseUrl(RecapError, ValueError):
+    """A database URL recap cannot use (a ValueError too, so pydantic reports it per setting)."""
+
+
+def parse_database_url(url: str) -> URL:
+    """The URL parsed, or a one-line InvalidDatabaseUrl; never echoes the URL (it may hold a
+    password), only its scheme."""
+    try:
+        parsed = make_url(url)
+    except Exception:  # sqlalchemy's ArgumentError, or ValueError for a port that is no number
+        raise InvalidDatabaseUrl(
+            "not a database URL: use postgresql://user:password@host:port/db or sqlite:///path/to/recap.db"
+        ) from None
+    backend, _, driver = parsed.drivername.partition("+")
+    if (driver or None) not in _USABLE_DRIVERS.get(backend, ()):
+        raise InvalidDatabaseUrl(
+            f"recap works with PostgreSQL (postgresql://, psycopg) or SQLite (sqlite:///), "
+            f"not {parsed.drivername}://"
+        )
+    return parsed
+
+
 def normalise_url(url: str) -> str:
     """`postgresql://` means psycopg 3 here (SQLAlchemy would pick psycopg2)."""
-    parsed = make_url(url)
+    parsed = parse_database_url(url)
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     return parsed.render_as_string(hide_password=False)
@@ -42,7 +68,7 @@ def require_postgres(url: str | None, command: str) -> str:
             f"recap {command} is a fleet command and needs PostgreSQL: set RECAP_DATABASE_URL "
             "(e.g. postgresql://user@host/db); for one machine use `recap run`"
         )
-    if not make_url(url).get_backend_name().startswith("postgres"):
+    if not parse_database_url(url).drivername.startswith("postgres"):
         raise FleetConfigError(
             f"recap {command} needs PostgreSQL, but RECAP_DATABASE_URL is {safe_url(url)}; "
             "SQLite serves only `recap run`"

@@ -12,7 +12,7 @@ from sqlalchemy.exc import DBAPIError
 
 from recap.db import database_url_or_default, require_current_schema, require_postgres, upgrade
 from recap.errors import RecapError, ServiceUnavailable, describe, one_line
-from recap.settings import Settings, get_settings
+from recap.settings import InvalidSettings, Settings, get_settings
 from recap.store import Store
 from recap.transient import is_transient
 
@@ -68,9 +68,10 @@ def _unreachable(exc: BaseException) -> str | None:
 
 
 def read_settings() -> Settings:
+    """Every command's settings, checked: a bad one is one line naming it (RECAP_<NAME>)."""
     try:
         return get_settings()
-    except Exception as exc:  # pydantic's ValidationError: a bad RECAP_* value
+    except InvalidSettings as exc:
         raise RecapError(f"invalid settings: {one_line(exc)}") from None
 
 
