@@ -7,9 +7,10 @@ import functools
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from sqlalchemy.exc import DBAPIError
 
+from recap import __version__
+from recap.cli.console import err, out, say  # noqa: F401  (the commands take the consoles from here)
 from recap.db import database_url_or_default, require_current_schema, require_postgres, upgrade
 from recap.errors import RecapError, ServiceUnavailable, describe, one_line
 from recap.settings import InvalidSettings, Settings, get_settings
@@ -28,8 +29,21 @@ dev_app = typer.Typer(help="Developer tools: tiny offline models.", no_args_is_h
 app.add_typer(db_app, name="db")
 app.add_typer(dev_app, name="dev")
 
-out = Console()
-err = Console(stderr=True)
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        say(f"recap {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    pass  # only the options every command shares; the app's help text says what recap is
 
 
 def command(group: typer.Typer, *args, **kwargs):
@@ -41,13 +55,13 @@ def command(group: typer.Typer, *args, **kwargs):
             try:
                 return fn(*a, **k)
             except RecapError as exc:
-                err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+                say(str(exc), to=err, label="error:", style="red")
                 raise typer.Exit(2) from None
             except Exception as exc:
                 reason = _unreachable(exc)
                 if reason is None:
                     raise
-                err.print(f"[red]error:[/red] {reason}", highlight=False, soft_wrap=True)
+                say(reason, to=err, label="error:", style="red")
                 raise typer.Exit(1) from None
 
         return group.command(*args, **kwargs)(wrapper)

@@ -1,12 +1,44 @@
-"""How commands show jobs to a person: the status table, the one-line summary."""
+"""How commands show jobs to a person: the status table, the one-line summary. Job names,
+models and lease owners are user text: they go in as Text, printed as they are."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from recap.cli.base import out
-from recap.store import JobStatus
+from recap.cli.console import labelled
+from recap.store import JobInfo, JobStatus, Lease, Store
+
+EXPIRING_S = 60  # a lease with less left than this is shown: its worker may be stalled or dead
+CHUNK_LEGEND = "chunks: running/queued/waiting/done/failed"
+
+
+@dataclass(frozen=True, slots=True)
+class JobView:
+    """One job as `recap status` shows it: its counts and its leases about to expire."""
+
+    status: JobStatus
+    expiring: list[Lease]
+
+    @property
+    def finished(self) -> bool:
+        """Nothing pending, queued or running: nothing more will change by itself."""
+        chunks = self.status.chunks
+        return self.status.items.pending == 0 and chunks.pending + chunks.queued + chunks.running == 0
+
+
+def look(store: Store, jobs: list[JobInfo]) -> list[JobView]:
+    return [
+        JobView(
+            store.job_status(job),
+            [lease for lease in store.leases(job.id) if lease.expires_in_s < EXPIRING_S],
+        )
+        for job in jobs
+    ]
 
 
 def print_summary(status: JobStatus) -> None:
@@ -14,19 +46,22 @@ def print_summary(status: JobStatus) -> None:
     line = f"{items.done:,} done, {items.failed:,} failed, {items.pending:,} pending"
     if status.errors:
         line += " · failures: " + ", ".join(f"{k} {v}" for k, v in status.errors.items())
-    out.print(line, highlight=False)
+    out.print(Text(line))
 
 
-def status_view(store, jobs):
-    table = Table(title="recap jobs", title_justify="left")
-    for column in ("job", "done", "failed", "pending", "chunks run/queue/wait/done/fail", "rate/s", "ETA"):
+def status_view(views: list[JobView]) -> Group:
+    """The table, then a line per job (model, failures) and per expiring lease."""
+    # The job name folds onto as many lines as it needs; the numbers never wrap, so the table
+    # fits 80 columns without cutting a name short.
+    table = Table(title="recap jobs", title_justify="left", caption=CHUNK_LEGEND, caption_justify="left")
+    table.add_column("job", overflow="fold")
+    for column in ("done", "failed", "pending", "chunks", "rate/s", "ETA"):
         table.add_column(column, no_wrap=True)
-    notes = []
-    for job in jobs:
-        s = store.job_status(job)
-        c, items = s.chunks, s.items
+    notes: list[Text] = []
+    for view in views:
+        s, c, items = view.status, view.status.chunks, view.status.items
         table.add_row(
-            s.job,
+            Text(s.job),
             f"{items.done:,}",
             f"{items.failed:,}",
             f"{items.pending:,}",
@@ -34,14 +69,17 @@ def status_view(store, jobs):
             "-" if s.rate_per_s is None else f"{s.rate_per_s:.1f}",
             duration(s.eta_s),
         )
-        notes.append(f"{s.job}: model {s.model}")
+        note = f"{s.job}: model {s.model}"
         if s.errors:
-            notes[-1] += "; failures: " + ", ".join(f"{k} {v:,}" for k, v in s.errors.items())
+            note += "; failures: " + ", ".join(f"{k} {v:,}" for k, v in s.errors.items())
+        notes.append(Text(note))
         notes += [
-            f"[yellow]lease expiring[/yellow]: chunk {lease.chunk_no} of job {s.job} held by "
-            f"{lease.owner}, {lease.expires_in_s}s left"
-            for lease in store.leases(job.id)
-            if lease.expires_in_s < 60
+            labelled(
+                "lease expiring:",
+                "yellow",
+                f"chunk {lease.chunk_no} of job {s.job} held by {lease.owner}, {lease.expires_in_s}s left",
+            )
+            for lease in view.expiring
         ]
     return Group(table, *notes)
 
