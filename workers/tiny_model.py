@@ -13,6 +13,10 @@ The weights are shaped so that tests are steady:
   apart, batched and single runs pick the same tokens);
 - Mllama's cross-attention gates are opened (a fresh Mllama's are zero, so its captions
   would ignore the image); different images then give different captions.
+
+LLaVA and LLaVA-NeXT load in vLLM unchanged too: their weights are saved in the key layout
+of hub checkpoints (`vision_tower.vision_model.*`), and the text model's head_dim is 32
+(vLLM's CPU attention refuses 16).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -98,6 +99,9 @@ class VllmEngine:
         self._strip_specials = special_token_pattern(self.processor)
         self.max_num_seqs = settings.vllm_max_num_seqs
         self.llm = vllm.LLM(**{**self._engine_args(located, config), **(engine_args or {})})
+        # In-process, vLLM seeds Python's global RNG with its fixed seed: reseed it, or every
+        # worker would draw the same retry jitter (workers.fetch, recap.transient).
+        random.seed()
         self.revision = located.recorded_revision()
         self._params: dict[str | None, object] = {None: self._sampling_params(settings)}
         self.image_spec = image_spec(self.processor, self.family, settings.image_mode)
