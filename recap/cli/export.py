@@ -25,12 +25,17 @@ def export(
         int, typer.Option(min=1, help="Rows per shard when --out is a folder.")
     ] = 1_000_000,
     since: Annotated[str | None, typer.Option(help="Only items updated at or after this ISO time.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the contents of a non-empty folder that recap did not export to.")
+    ] = False,
 ) -> None:
-    """Write a job's results in the Recap-DataComp-1B column layout."""
-    from producer.export import export_job  # pyarrow: only when exporting
+    """Write a job's results in the Recap-DataComp-1B column layout. The previous export to
+    the same --out is replaced only once the new one is complete."""
+    from producer.export import export_format, export_job  # pyarrow: only when exporting
 
     since_time = _parse_since(since)
     flags = _parse_flags(exclude_flags)
+    export_format(out_path, fmt, overwrite)  # a bad --out is said before the database is read
     store = local_store()
     job_info = store.get_job(job)
     stats = export_job(
@@ -42,6 +47,7 @@ def export(
         exclude_flags=flags,
         rows_per_shard=rows_per_shard,
         since=since_time,
+        overwrite=overwrite,
     )
     out.print(f"exported {stats.rows:,} rows in {stats.files} file(s) to {out_path}")
 
