@@ -81,6 +81,13 @@ class _Part:
         self.encoder.finish()
         self.staged.close()
 
+    def discard(self) -> None:
+        try:
+            self.encoder.finish()  # or parquet's writer, left open, later writes to a closed file
+        except Exception:
+            pass  # the failure that brought us here is already on its way to the user
+        self.staged.discard()
+
 
 class FileWriter:
     """One file, renamed over the target once complete."""
@@ -103,7 +110,7 @@ class FileWriter:
         self._part.staged.publish()
 
     def abort(self) -> None:
-        self._part.staged.discard()
+        self._part.discard()
 
 
 class ShardFolderWriter:
@@ -137,7 +144,7 @@ class ShardFolderWriter:
 
     def abort(self) -> None:
         for part in self._parts:
-            part.staged.discard()
+            part.discard()
 
     def _current(self) -> _Part:
         if not self._parts or self._parts[-1].rows >= self.rows_per_shard:
