@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from recap.cli.base import command, db_app, dev_app, out, read_settings
+from recap.cli.base import command, db_app, dev_app, read_settings, say
 from recap.db import database_url_or_default, safe_url, upgrade
 from recap.errors import RecapError
 from recap.models import TINY_FAMILIES, TINY_WARNING
@@ -18,7 +18,7 @@ def db_upgrade() -> None:
     """Create or migrate the schema (Alembic `upgrade head`)."""
     url = database_url_or_default(read_settings().database_url)
     upgrade(url)
-    out.print(f"schema is up to date at {safe_url(url)}")
+    say(f"schema is up to date at {safe_url(url)}")
 
 
 @command(dev_app, "tiny-model")
@@ -32,4 +32,4 @@ def dev_tiny_model(
     from workers.tiny_model import build_tiny_model  # torch and transformers: only here
 
     path = build_tiny_model(directory, family=family)
-    out.print(f"wrote tiny {family} model to {path}; {TINY_WARNING}")
+    say(f"wrote tiny {family} model to {path}; {TINY_WARNING}")
