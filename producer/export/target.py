@@ -8,7 +8,9 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
+import fsspec
 from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
 from producer.export.folder import TEMP_MARK, FolderContents, read_folder
 from recap.errors import RecapError, one_line
@@ -36,7 +38,9 @@ class ExportTarget:
 
 def resolve_target(out: str, fmt: str | None, overwrite: bool = False) -> ExportTarget:
     """The format asked for, else the one `out` ends with, else parquet (a folder of
-    shards); a `.parquet`/`.jsonl` path is one file of that format, never the other."""
+    shards); a `.parquet`/`.jsonl` path is one file of that format, never the other. Refused
+    in one line: an empty path, a file path that is a folder (or a device), a folder path
+    that is a file, a place where no file can be made, a folder recap did not write."""
     if not out.strip():
         raise RecapError("--out is empty: name a file (out.parquet, out.jsonl) or a folder for shards")
     suffix = next((f for f in FORMATS if out.endswith(f".{f}")), None)
@@ -55,9 +59,6 @@ def resolve_target(out: str, fmt: str | None, overwrite: bool = False) -> Export
 
 
 def _filesystem(out: str) -> tuple[AbstractFileSystem, str, bool]:
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
     try:
         fs, path = fsspec.core.url_to_fs(out)
     except (ImportError, ValueError) as exc:  # an unknown protocol, or its package missing

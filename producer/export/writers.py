@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from producer.export.schema import EXPORT_SCHEMA
 from producer.export.staged import StagedFile
 from producer.export.target import ExportTarget, Layout
+from recap.errors import RecapError
 
 
 @dataclass(slots=True)
@@ -159,4 +160,13 @@ class ShardFolderWriter:
         previous = self.target.previous
         for path in [*previous.ours, *(previous.foreign if self.target.overwrite else ())]:
             if posixpath.basename(path.rstrip("/")) not in published:
-                self.target.fs.rm(path, recursive=True)
+                self._remove(path)
+
+    def _remove(self, path: str) -> None:
+        try:
+            self.target.fs.rm(path, recursive=True)
+        except OSError as exc:  # the new export is in place by now: say what is left over
+            raise RecapError(
+                f"exported to --out {self.target.out}, but {path} from before stays: "
+                f"{exc.strerror or exc}; remove it by hand"
+            ) from None
