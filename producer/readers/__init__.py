@@ -30,6 +30,7 @@ fo=shard)` per shard rather than re-indexing the shard for every member).
 from producer.readers.batches import read_items
 from producer.readers.columns import ColumnOptions, url_key
 from producer.readers.discovery import CheckedInput, check_inputs, expand_inputs
+from producer.readers.probe import probe_inputs
 from producer.readers.registry import supported_formats
 from producer.readers.source import InputError
 from producer.readers.stats import ReadStats, SkipReason
@@ -42,6 +43,7 @@ __all__ = [
     "SkipReason",
     "check_inputs",
     "expand_inputs",
+    "probe_inputs",
     "read_items",
     "supported_formats",
     "url_key",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -10,9 +11,10 @@ import pyarrow as pa
 
 from producer.readers.columns import ColumnOptions
 from producer.readers.discovery import sources
+from producer.readers.outputs import RecapOutput
 from producer.readers.registry import READERS
 from producer.readers.source import InputError, Source, error_line
-from producer.readers.stats import ReadStats
+from producer.readers.stats import RECAP_OUTPUT, ReadStats
 from recap.records import InputItem
 
 
@@ -30,13 +32,17 @@ def read_items(
     stats = stats if stats is not None else ReadStats()
     pending: list[InputItem] = []
     for src in sources(inputs, stats):
+        try:
+            for chunk in _read_source(src, columns, stats, batch_rows):
+                stats.items += len(chunk)
+                pending.extend(chunk)
+                while len(pending) >= batch_rows:
+                    yield pending[:batch_rows]
+                    pending = pending[batch_rows:]
+        except RecapOutput:  # raised before the file yields anything
+            stats.skip_files(RECAP_OUTPUT)
+            continue
         stats.files += 1
-        for chunk in _read_source(src, columns, stats, batch_rows):
-            stats.items += len(chunk)
-            pending.extend(chunk)
-            while len(pending) >= batch_rows:
-                yield pending[:batch_rows]
-                pending = pending[batch_rows:]
     if pending:
         yield pending
 
@@ -44,10 +50,16 @@ def read_items(
 def _read_source(
     src: Source, options: ColumnOptions, stats: ReadStats, batch_rows: int
 ) -> Iterator[list[InputItem]]:
-    try:
+    with reading(src):
         yield from READERS[src.fmt.ext].read(src, options, stats, batch_rows)
-    except InputError:
+
+
+@contextlib.contextmanager
+def reading(src: Source) -> Iterator[None]:
+    """A corrupt, truncated or unreadable file becomes one line naming it (exit code 2)."""
+    try:
+        yield
+    except (InputError, RecapOutput):
         raise
     except (OSError, ValueError, EOFError, tarfile.TarError, zlib.error, pa.ArrowException) as exc:
-        # A corrupt, truncated or unreadable file: one line naming it (exit code 2).
         raise InputError(f"input {src.display}: cannot read ({error_line(exc)})") from exc

@@ -88,6 +88,21 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else str(value)
 
 
+def has_nul(url: str) -> bool:
+    """A URL with a NUL byte is no URL, and PostgreSQL cannot store it: the row is left out
+    as `invalid_url` rather than stopping the whole input."""
+    return "\x00" in url
+
+
+def _stored(text: str | None) -> str | None:
+    """Text as a database stores it: PostgreSQL's text holds no NUL, so it is removed."""
+    return text.replace("\x00", "") if text and "\x00" in text else text
+
+
+def _caption_text(value: Any) -> str | None:
+    return _stored(_text(value))
+
+
 def _key_text(value: Any) -> str | None:
     """An id value as a key: ints stringified, floats that hold ints too (pandas-made
     parquet stores nullable int ids as float64), blanks are no key."""
@@ -97,12 +112,12 @@ def _key_text(value: Any) -> str | None:
         if math.isnan(value):
             return None
         return str(int(value)) if value.is_integer() else repr(value)
-    text = (_text(value) or "").strip()
+    text = (_stored(_text(value)) or "").strip()
     return text or None
 
 
 def _sha_text(value: Any) -> str | None:
-    text = (_text(value) or "").strip().lower()
+    text = (_stored(_text(value)) or "").strip().lower()
     return text or None
 
 
@@ -162,19 +177,23 @@ def json_row(obj: dict[str, Any], cols: ResolvedColumns, options: ColumnOptions)
 
 
 def rows_to_items(rows: Iterable[RawRow], options: ColumnOptions, stats: ReadStats) -> list[InputItem]:
-    """Rows to items, skipping (and counting) rows without a URL or, when keyed, an id."""
+    """Rows to items, skipping (and counting) rows without a URL or, when keyed, an id, and
+    rows whose URL holds a NUL byte."""
     out: list[InputItem] = []
     for row in rows:
         url = (_text(row.url) or "").strip()
         if not url:
             stats.skip(SkipReason.NO_URL)
             continue
+        if has_nul(url):
+            stats.skip(SkipReason.INVALID_URL)
+            continue
         key = _key_text(row.id) if options.keyed else url_key(url)
         if key is None:
             stats.skip(SkipReason.NO_ID)
             continue
         stats.keep()
-        out.append(InputItem(key, url, _text(row.caption), _sha_text(row.sha256)))
+        out.append(InputItem(key, url, _caption_text(row.caption), _sha_text(row.sha256)))
     return out
 
 
@@ -193,11 +212,11 @@ def image_item(
             key = meta_key
             break
     if options.caption_col and options.caption_col in meta:
-        caption = _text(meta[options.caption_col])
+        caption = _caption_text(meta[options.caption_col])
     elif sidecars.txt is not None:
-        caption = sidecars.txt
+        caption = _caption_text(sidecars.txt)
     else:
-        caption = _text(meta.get("text", meta.get("caption")))
+        caption = _caption_text(meta.get("text", meta.get("caption")))
     # Only an explicit --sha256-col is a promise about these bytes: img2dataset's and
     # DataComp's json `sha256` hashes the original download, not the resized file.
     sha = _sha_text(meta.get(options.sha256_col)) if options.sha256_col else None

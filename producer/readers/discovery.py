@@ -12,9 +12,10 @@ import fsspec.core
 from fsspec import AbstractFileSystem
 
 from producer.readers.images import IMAGE_EXTENSIONS, JSON, SIDECAR_EXTENSIONS, TXT
+from producer.readers.outputs import EXPORT_MANIFEST
 from producer.readers.registry import reader_for, supported_formats
 from producer.readers.source import FileFormat, InputError, SidecarPaths, Source, error_line
-from producer.readers.stats import HIDDEN_FILES, ReadStats
+from producer.readers.stats import HIDDEN_FILES, RECAP_OUTPUT, ReadStats
 
 
 class InputKind(Enum):
@@ -47,7 +48,7 @@ def sources(inputs: list[str], stats: ReadStats) -> Iterator[Source]:
         if given.kind is InputKind.FOLDER:
             yield from _walk(given.fs, given.path, stats)
         elif given.kind is InputKind.FILE:
-            yield from _files(given.fs, [given.path], posixpath.dirname(given.path), stats)
+            yield from _files(given.fs, [given.path], posixpath.dirname(given.path), stats, found=False)
         else:
             yield from _glob(given.fs, given.path, given.matches, stats)
 
@@ -125,8 +126,9 @@ class _Directory:
 
         return SidecarPaths(txt=path(TXT), json=path(JSON))
 
-    def sources(self, names: list[str], root: str, stats: ReadStats) -> Iterator[Source]:
-        """Sources for `names` (files of this directory, in order); image keys relative to `root`."""
+    def sources(self, names: list[str], root: str, stats: ReadStats, found: bool) -> Iterator[Source]:
+        """Sources for `names` (files of this directory, in order); image keys relative to
+        `root`; `found`: by a folder walk or a glob, not named."""
         for name in names:
             if self.is_sidecar(name):
                 continue
@@ -135,7 +137,7 @@ class _Directory:
                 stats.skip_files(fmt.shown)
                 continue
             sidecars = self.sidecars_of(name) if fmt.ext in IMAGE_EXTENSIONS else SidecarPaths()
-            yield Source(self.fs, posixpath.join(self.path, name), fmt, root, sidecars)
+            yield Source(self.fs, posixpath.join(self.path, name), fmt, root, sidecars, found)
 
 
 def _walk(
@@ -150,6 +152,9 @@ def _walk(
         # object stores may list a folder's own placeholder object inside it
         if e["name"].rstrip("/") != directory.rstrip("/")
     }
+    if EXPORT_MANIFEST in entries and not entries[EXPORT_MANIFEST]:  # a recap export folder
+        stats.skip_files(RECAP_OUTPUT, sum(not is_dir for is_dir in entries.values()))
+        return
     hidden = [n for n, is_dir in entries.items() if n.startswith(".") and not is_dir]
     if hidden:  # .DS_Store, macOS ._a.jpg; hidden folders (.git, .cache) are pruned
         stats.skip_files(HIDDEN_FILES, len(hidden))
@@ -161,11 +166,14 @@ def _walk(
         if entries[name]:
             yield from _walk(fs, root, stats, posixpath.join(directory, name))
         else:
-            yield from listing.sources([name], root, stats)
+            yield from listing.sources([name], root, stats, found=True)
 
 
-def _files(fs: AbstractFileSystem, paths: list[str], root: str, stats: ReadStats) -> Iterator[Source]:
-    """Files named or matched, grouped by directory so image sidecars are found once."""
+def _files(
+    fs: AbstractFileSystem, paths: list[str], root: str, stats: ReadStats, found: bool
+) -> Iterator[Source]:
+    """Files named (`found` False) or matched, grouped by directory so image sidecars are
+    found once."""
     groups: dict[str, list[str]] = {}
     for path in paths:
         groups.setdefault(posixpath.dirname(path), []).append(posixpath.basename(path))
@@ -173,7 +181,7 @@ def _files(fs: AbstractFileSystem, paths: list[str], root: str, stats: ReadStats
         siblings = set(names)
         if any(FileFormat.of(n).ext in IMAGE_EXTENSIONS for n in names):
             siblings |= {posixpath.basename(p) for p in fs.ls(directory, detail=False)}
-        yield from _Directory(fs, directory, siblings).sources(names, root, stats)
+        yield from _Directory(fs, directory, siblings).sources(names, root, stats, found)
 
 
 def _glob(
@@ -189,4 +197,4 @@ def _glob(
             yield from _walk(fs, match, stats)
         else:
             files.append(match)
-    yield from _files(fs, files, base, stats)
+    yield from _files(fs, files, base, stats, found=True)

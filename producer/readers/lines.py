@@ -9,11 +9,13 @@ from producer.readers.columns import (
     ColumnOptions,
     RawRow,
     ResolvedColumns,
+    has_nul,
     json_row,
     resolve_columns,
     rows_to_items,
     url_key,
 )
+from producer.readers.outputs import RecapOutput, is_export_columns
 from producer.readers.reader import batched
 from producer.readers.source import Source
 from producer.readers.stats import ReadStats, SkipReason
@@ -35,6 +37,8 @@ def _url_items(lines: Iterable[str], stats: ReadStats) -> Iterator[InputItem]:
             stats.skip(SkipReason.BLANK_LINE)
         elif url.startswith("#"):
             stats.skip(SkipReason.COMMENT)
+        elif has_nul(url):
+            stats.skip(SkipReason.INVALID_URL)
         else:
             stats.keep()
             yield InputItem(url_key(url), url)
@@ -46,12 +50,12 @@ def read_jsonl(
     """One JSON object a line, read line by line: rows may differ in fields (a field that
     is null is often left out), which a columnar block reader would refuse."""
     with src.open_text() as f:
-        for rows in batched(_json_rows(f, options, src.display, stats), batch_rows):
+        for rows in batched(_json_rows(f, options, src, stats), batch_rows):
             yield rows_to_items(rows, options, stats)
 
 
 def _json_rows(
-    lines: Iterable[str], options: ColumnOptions, where: str, stats: ReadStats
+    lines: Iterable[str], options: ColumnOptions, src: Source, stats: ReadStats
 ) -> Iterator[RawRow]:
     cols: ResolvedColumns | None = None
     for line in lines:
@@ -66,5 +70,7 @@ def _json_rows(
             stats.skip(SkipReason.BAD_JSON)
             continue
         if cols is None:  # the first object names the fields, as a header would
-            cols = resolve_columns(list(obj), options, where)
+            if src.found and is_export_columns(list(obj)):
+                raise RecapOutput(src.display)
+            cols = resolve_columns(list(obj), options, src.display)
         yield json_row(obj, cols, options)

@@ -66,6 +66,7 @@ class Source:
     fmt: FileFormat
     root: str  # folder that image keys are relative to
     sidecars: SidecarPaths = field(default_factory=SidecarPaths)  # of an image file
+    found: bool = False  # found by walking a folder or matching a glob, not named (outputs.py)
 
     @property
     def is_local(self) -> bool:

@@ -17,6 +17,7 @@ class SkipReason(str, Enum):
     BLANK_LINE = "blank_line"
     COMMENT = "comment"
     NO_URL = "no_url"  # null, empty or blank URL
+    INVALID_URL = "invalid_url"  # a URL no database can store (a NUL byte)
     NO_ID = "no_id"  # null or empty --id-col value
     BAD_ROW = "bad_row"  # CSV/TSV row with the wrong number of fields
     BAD_JSON = "bad_json"  # JSONL line that is not a JSON object
@@ -26,6 +27,8 @@ class SkipReason(str, Enum):
 
 # The `files_skipped` key of dotfiles (.DS_Store, macOS ._a.jpg); others count by extension.
 HIDDEN_FILES = "(hidden)"
+# The `files_skipped` key of recap's own exports found in a folder or by a glob.
+RECAP_OUTPUT = "(recap export)"
 
 
 @dataclass
@@ -49,7 +52,7 @@ class ReadStats:
         self.rows_skipped[reason.value] += n
 
     def skip_files(self, kind: str, n: int = 1) -> None:
-        """`n` files were not read: `kind` is their extension, or HIDDEN_FILES."""
+        """`n` files were not read: `kind` is their extension, HIDDEN_FILES or RECAP_OUTPUT."""
         self.files_skipped[kind] += n
 
     def bad_sidecar(self) -> None:

@@ -11,6 +11,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from producer.readers.columns import ColumnOptions, arrow_rows, find_column, resolve_columns, rows_to_items
+from producer.readers.outputs import RecapOutput, is_export_columns
 from producer.readers.source import Source
 from producer.readers.stats import ReadStats, SkipReason
 from recap.records import InputItem
@@ -22,6 +23,8 @@ def read_parquet(
     """Row-group batches of only the needed columns: a 100 GB table costs one batch of RAM."""
     with src.open_binary(decompress=False) as f:
         parquet = pq.ParquetFile(f)
+        if src.found and is_export_columns(parquet.schema_arrow.names):
+            raise RecapOutput(src.display)
         cols = resolve_columns(parquet.schema_arrow.names, options, src.display)
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=cols.needed):
             yield rows_to_items(arrow_rows(batch, cols), options, stats)

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 from sqlalchemy.exc import DBAPIError
 
+from producer.jobs import check_job_name
 from recap.cli.base import (
     CaptionCol,
     IdCol,
@@ -19,12 +20,16 @@ from recap.cli.base import (
     columns,
     command,
     fleet_store,
+    local_store,
     out,
     read_settings,
+    say,
 )
-from recap.cli.register import check_inputs, open_and_register
+from recap.cli.error_classes import error_classes
+from recap.cli.register import check_inputs, open_and_register, probe_inputs
+from recap.db import database_url_or_default, parse_database_url
 from recap.dispatch import Dispatcher, DispatchReport
-from recap.errors import ErrorClass, RecapError, ServiceUnavailable
+from recap.errors import ServiceUnavailable
 from recap.store import JobInfo
 from recap.transient import is_transient
 
@@ -42,24 +47,22 @@ def submit(
 ) -> None:
     """Register a fleet job and its items in PostgreSQL, enqueue chunks up to the queue cap, exit."""
     settings = read_settings()
+    check_job_name(job)
     store = fleet_store("submit")
     check_inputs(inputs)
-    job_info = open_and_register(
-        store,
-        settings,
-        job,
-        model or settings.model,
-        inputs,
-        columns(url_col, caption_col, id_col, sha256_col),
-        limit,
-    )
+    wanted = columns(url_col, caption_col, id_col, sha256_col)
+    probe_inputs(inputs, wanted)  # what can be found before registering is found now
+    job_info = open_and_register(store, settings, job, model or settings.model, inputs, wanted, limit)
     reports = dispatch(Dispatcher(store, settings), [job_info])
     items = store.job_status(job_info).items
-    out.print(
+    say(
         f"job {job}: {items.total:,} items ({items.done:,} done); "
-        f"enqueued {sum(r.enqueued for r in reports)} chunk(s) on {reports[0].queue if reports else '-'}",
-        highlight=False,
+        f"enqueued {sum(r.enqueued for r in reports)} chunk(s) on {reports[0].queue if reports else '-'}"
     )
+
+
+def is_sqlite(url: str) -> bool:
+    return parse_database_url(url).drivername.startswith("sqlite")
 
 
 def dispatch(dispatcher: Dispatcher, jobs: list[JobInfo] | None) -> list[DispatchReport]:
@@ -95,17 +98,20 @@ def retry(
     job: Annotated[str, typer.Option(help="Job name.")],
     errors: Annotated[str, typer.Option(help="Comma-separated error classes, e.g. timeout,http_5xx.")],
 ) -> None:
-    """Put failed items of these error classes back to pending and re-enqueue their chunks."""
-    classes = [c.strip() for c in errors.split(",") if c.strip()]
-    known = {e.value for e in ErrorClass}
-    unknown = [c for c in classes if c not in known]
-    if unknown or not classes:
-        raise RecapError(
-            f"unknown error class(es) {', '.join(unknown) or '(none)'}; known: {', '.join(sorted(known))}"
-        )
+    """Put failed items of these error classes back to pending: on PostgreSQL their chunks
+    are re-enqueued; on SQLite the next `recap run` of the job captions them."""
+    classes = error_classes(errors, "--errors")
     settings = read_settings()
+    if is_sqlite(database_url_or_default(settings.database_url)):
+        store = local_store()
+        retried = store.retry_failed(store.get_job(job), classes)
+        say(
+            f"{retried.items:,} item(s) back to pending in {len(retried.chunks)} chunk(s) of job {job}: "
+            "run the same `recap run` command again to caption them"
+        )
+        return
     store = fleet_store("retry")
     job_info = store.get_job(job)
     retried = store.retry_failed(job_info, classes)
     dispatch(Dispatcher(store, settings), [job_info])
-    out.print(f"{retried.items:,} item(s) back to pending in {len(retried.chunks)} chunk(s) of job {job}")
+    say(f"{retried.items:,} item(s) back to pending in {len(retried.chunks)} chunk(s) of job {job}")

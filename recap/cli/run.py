@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 from typing import Annotated
 
@@ -16,7 +17,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from producer.jobs import derive_job_name
+from producer.input_job import InputJob, collect_keys, job_for_input
+from producer.input_keys import InputKeys
+from producer.jobs import check_job_name, derive_job_name
 from recap.cli.base import (
     CaptionCol,
     IdCol,
@@ -30,16 +33,26 @@ from recap.cli.base import (
     command,
     err,
     local_store,
-    out,
     read_settings,
+    say,
 )
+from recap.cli.error_classes import error_classes
 from recap.cli.register import check_inputs, open_and_register
 from recap.cli.render import print_summary
 from recap.settings import Settings
-from recap.store import JobInfo, Store
+from recap.store import JobInfo, JobStatus, Store
+from recap.worker_names import LocalOwner
 
 JobOpt = Annotated[str | None, typer.Option(help="Job name (default: derived from inputs and model).")]
 FormatOpt = Annotated[str | None, typer.Option("--format", help="parquet or jsonl (default: from --out).")]
+RetryOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Comma-separated error classes whose failed items are captioned again, e.g. timeout,http_5xx."
+    ),
+]
+# How often a run waiting for another process's chunks looks again.
+WAIT_POLL_S = 1.0
 
 
 @command(app, "run")
@@ -51,50 +64,153 @@ def run(
     limit: LimitOpt = None,
     fmt: FormatOpt = None,
     export_status: Annotated[str, typer.Option(help="Export done, failed or all items.")] = "done",
+    retry_errors: RetryOpt = None,
     url_col: UrlCol = "url",
     caption_col: CaptionCol = None,
     id_col: IdCol = None,
     sha256_col: ShaCol = None,
 ) -> None:
     """Caption a whole job on this machine: SQLite, no broker, export at the end. Run the
-    same command again to resume."""
+    same command again to resume; the export holds exactly the input's items as it is now."""
     from producer.export import export_format, export_job  # pyarrow: only when exporting
 
     settings = read_settings()
     model = model or settings.model
+    if job is not None:
+        check_job_name(job)
+    retry_classes = error_classes(retry_errors, "--retry-errors") if retry_errors is not None else []
     check_inputs(inputs)
-    export_format(out_path, fmt)  # a mismatch is said now, not after the captioning
-    store = local_store(create=True)
-    name = job or derive_job_name(inputs, settings, model)
-    job_info = open_and_register(
-        store, settings, name, model, inputs, columns(url_col, caption_col, id_col, sha256_col), limit
-    )
-    caption_with_progress(settings, store, job_info, model)
+    export_format(out_path, fmt)  # a bad --out is said now, not after the captioning
+    wanted = columns(url_col, caption_col, id_col, sha256_col)
+    with InputKeys.scratch() as keys:
+        with err.status("reading inputs…"):
+            collect_keys(inputs, wanted, limit, keys, stats=None)  # every read error: before any write
+        store = local_store(create=True)
+        chosen = job_for_input(store, job or derive_job_name(inputs, settings, model), keys)
+    _say_replaced(chosen)
+    job_info = open_and_register(store, settings, chosen.name, model, inputs, wanted, limit)
+    if retry_classes:
+        retried = store.retry_failed(job_info, retry_classes)
+        say(f"{retried.items:,} failed item(s) of {', '.join(retry_classes)} back to pending", to=err)
+    left = caption_until_finished(settings, store, job_info, model)
     stats = export_job(store, job_info, out_path, fmt=fmt, status=export_status)
-    print_summary(store.job_status(job_info))
-    out.print(f"exported {stats.rows} rows to {out_path} (job {name})")
+    status = store.job_status(job_info)
+    print_summary(status)
+    say(f"exported {stats.rows} rows to {out_path} (job {job_info.name})")
+    _exit_unless_done(status, left)
 
 
-def caption_with_progress(settings: Settings, store: Store, job: JobInfo, model: str) -> None:
-    """Caption what is pending, with a progress bar; Ctrl-C keeps what was written."""
-    todo = store.job_status(job).items.pending
-    if todo == 0:
-        err.print("nothing left to caption")
-        return
-    # torch and transformers: imported only once there is something to caption.
-    from workers.engine import load_engine
-    from workers.local import run_job_locally
+def _say_replaced(chosen: InputJob) -> None:
+    if chosen.replaces is not None:
+        say(
+            f"the input no longer holds every item of job {chosen.replaces} (its contents changed): "
+            f"captioning it as job {chosen.name}; {chosen.replaces} is kept "
+            f"(recap drop --job {shlex.quote(chosen.replaces)} --yes removes it)",
+            to=err,
+            label="note:",
+            style="yellow",
+        )
 
-    with err.status(f"loading {model}…"):
-        engine = load_engine(settings, model)
-    with _progress_bar() as progress:
-        advance = _advancer(progress, progress.add_task("captioning", total=todo, rate=0.0))
-        try:
-            run_job_locally(settings, store, job, engine, on_written=advance)
-        except KeyboardInterrupt:
-            progress.stop()
-            err.print("interrupted: finished batches are saved; run the same command again to resume")
-            raise typer.Exit(1) from None
+
+def _exit_unless_done(status: JobStatus, left: int) -> None:
+    """Exit 1 when items are left pending, or when every item failed."""
+    items = status.items
+    if left:
+        say(
+            f"{left:,} items are still pending and none could be captioned here: the export holds the "
+            f"finished ones; see recap status --job {shlex.quote(status.job)}",
+            to=err,
+            label="error:",
+            style="red",
+        )
+        raise typer.Exit(1)
+    if items.total and items.done == 0 and items.failed == items.total:
+        failures = ", ".join(f"{k} {v:,}" for k, v in status.errors.items())
+        say(
+            f"every item failed ({items.failed:,}: {failures}): nothing was captioned; see "
+            f"recap status --job {shlex.quote(status.job)}",
+            to=err,
+            label="error:",
+            style="red",
+        )
+        raise typer.Exit(1)
+
+
+def caption_until_finished(settings: Settings, store: Store, job: JobInfo, model: str) -> int:
+    """Caption what is pending; while another process (a second `recap run` of the job, a
+    fleet worker) holds chunks of it, wait for them and take over what it gives back, so
+    that the export holds every item. Returns how many items are left pending when nothing
+    more can be done here (0 normally)."""
+    captioner = _Captioner(settings, store, job, model)
+    me = str(LocalOwner.this_process())
+    if store.job_status(job).items.pending == 0:
+        say("nothing left to caption", to=err)
+    while True:
+        before = store.job_status(job).items.pending
+        if before == 0:
+            return 0
+        captioner.caption(before)
+        pending = store.job_status(job).items.pending
+        if pending == 0:
+            return 0
+        if _held_elsewhere(store, job, me):
+            _wait_for_others(store, job, me)
+        elif pending >= before:
+            return pending  # no progress and nobody else at work on it
+
+
+def _held_elsewhere(store: Store, job: JobInfo, me: str) -> list[str]:
+    """Owners of live leases on the job's chunks other than this process (a killed `recap
+    run`'s chunks are not held: this run takes them over)."""
+    owners = []
+    for lease in store.leases(job.id):
+        local = LocalOwner.parse(lease.owner)
+        if lease.owner != me and lease.expires_in_s > 0 and not (local and local.is_gone()):
+            owners.append(lease.owner or "?")
+    return owners
+
+
+def _wait_for_others(store: Store, job: JobInfo, me: str) -> None:
+    """Until no other process holds chunks of the job (finished, or given back)."""
+    try:
+        with err.status("waiting…") as spinner:
+            while owners := _held_elsewhere(store, job, me):
+                pending = store.job_status(job).items.pending
+                if pending == 0:
+                    return
+                spinner.update(
+                    f"waiting for {pending:,} items that another process is captioning "
+                    f"({', '.join(sorted(set(owners)))}); Ctrl-C stops waiting"
+                )
+                time.sleep(WAIT_POLL_S)
+    except KeyboardInterrupt:
+        say("interrupted: run the same command again to export once the other process is done", to=err)
+        raise typer.Exit(1) from None
+
+
+class _Captioner:
+    """Captions the job's pending items with a progress bar; the engine loads on first use."""
+
+    def __init__(self, settings: Settings, store: Store, job: JobInfo, model: str):
+        self.settings, self.store, self.job, self.model = settings, store, job, model
+        self.engine = None
+
+    def caption(self, todo: int) -> None:
+        # torch and transformers: imported only once there is something to caption.
+        from workers.engine import load_engine
+        from workers.local import run_job_locally
+
+        if self.engine is None:
+            with err.status(f"loading {self.model}…"):
+                self.engine = load_engine(self.settings, self.model)
+        with _progress_bar() as progress:
+            advance = _advancer(progress, progress.add_task("captioning", total=todo, rate=0.0))
+            try:
+                run_job_locally(self.settings, self.store, self.job, self.engine, on_written=advance)
+            except KeyboardInterrupt:
+                progress.stop()
+                say("interrupted: finished batches are saved; run the same command again to resume", to=err)
+                raise typer.Exit(1) from None
 
 
 def _progress_bar() -> Progress:
