@@ -239,6 +239,17 @@ def test_what_an_interrupted_export_left_is_recaps_own_and_cleared(sqlite_url, t
     assert sorted(p.name for p in shards.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
 
 
+def test_a_file_export_clears_what_killed_exports_of_it_left(sqlite_url, tmp_path):
+    store, job = _job(sqlite_url, items=6)
+    (tmp_path / f"{TEMP_MARK}0123456789ab-good.parquet").write_bytes(b"PAR1 half a file")
+    (tmp_path / f"{TEMP_MARK}0123456789ab-other.parquet").write_bytes(b"another export's")
+    export_job(store, job, str(tmp_path / "good.parquet"))
+    assert sorted(p.name for p in tmp_path.iterdir() if "parquet" in p.name) == [
+        f"{TEMP_MARK}0123456789ab-other.parquet",
+        "good.parquet",
+    ]
+
+
 def test_an_export_folder_of_jsonl_from_before_is_recognised_as_recaps(sqlite_url, tmp_path):
     """Exports made before this change carry no mark but their names and columns."""
     store, job = _job(sqlite_url, items=6)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import secrets
 from typing import BinaryIO
 
@@ -13,13 +14,15 @@ from fsspec import AbstractFileSystem
 
 from producer.export.folder import TEMP_MARK
 
+_TOKEN_BYTES = 6
+
 
 class StagedFile:
     def __init__(self, fs: AbstractFileSystem, final: str, local: bool):
         folder, name = posixpath.split(final)
         self.fs = fs
         self.final = final
-        self.temp = posixpath.join(folder, f"{TEMP_MARK}{secrets.token_hex(6)}-{name}")
+        self.temp = posixpath.join(folder, f"{TEMP_MARK}{secrets.token_hex(_TOKEN_BYTES)}-{name}")
         self.local = local
         self.file: BinaryIO | None = None
 
@@ -56,3 +59,16 @@ class StagedFile:
                 self.fs.rm(self.temp)
         except Exception:
             pass
+
+
+def remove_leftovers(fs: AbstractFileSystem, final: str) -> None:
+    """Best effort: remove what killed exports of `final` left under temporary names (an
+    exception cleans up after itself; SIGKILL cannot)."""
+    folder, name = posixpath.split(final)
+    leftover = re.compile(re.escape(TEMP_MARK) + f"[0-9a-f]{{{2 * _TOKEN_BYTES}}}-" + re.escape(name))
+    try:
+        for path in fs.ls(folder, detail=False):
+            if leftover.fullmatch(posixpath.basename(path)):
+                fs.rm(path)
+    except OSError:
+        pass

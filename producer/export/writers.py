@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from producer.export.schema import EXPORT_SCHEMA
-from producer.export.staged import StagedFile
+from producer.export.staged import StagedFile, remove_leftovers
 from producer.export.target import ExportTarget, Layout
 from recap.errors import RecapError
 
@@ -109,6 +109,7 @@ class FileWriter:
         # An empty export still leaves a readable file with the schema.
         self._part.finish()
         self._part.staged.publish()
+        remove_leftovers(self.target.fs, self.target.path)
 
     def abort(self) -> None:
         self._part.discard()
