@@ -26,7 +26,10 @@ def export(
     ] = 1_000_000,
     since: Annotated[str | None, typer.Option(help="Only items updated at or after this ISO time.")] = None,
     overwrite: Annotated[
-        bool, typer.Option(help="Replace the contents of a non-empty folder that recap did not export to.")
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace the contents of a non-empty folder recap did not export to."
+        ),
     ] = False,
 ) -> None:
     """Write a job's results in the Recap-DataComp-1B column layout. The previous export to
