@@ -4,17 +4,21 @@ its collaborators from its constructor."""
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
+from concurrent.futures import Future
 
 import pytest
 import sqlalchemy as sa
 
+from recap.db import upgrade
 from recap.records import InputItem
 from recap.settings import Settings
 from recap.states import ClaimRefusal
 from recap.store import ChunkRef, Store
-from workers.engine import TransformersEngine
+from workers.engine import EngineFatalError, TransformersEngine
+from workers.engine.protocol import StreamingEngine
 from workers.local import run_job_locally
 from workers.pipeline import CaptionPipeline
 from workers.runtime import WorkerRuntime
@@ -109,3 +113,142 @@ def test_the_worker_runtime_takes_its_engine_store_and_pipeline_from_its_constru
     assert chunks[1].state in ("pending", "queued")
     assert (chunks[1].attempts, chunks[1].lease_owner) == (1, None)
     assert chunks[1].last_error == "RuntimeError: injected crash in chunk 1"
+
+
+# -- a streaming engine: batches join the ones in the engine, across chunks ------------------
+
+
+class StreamingTransformers(StreamingEngine):
+    """The tiny transformers engine behind a thread of its own, as vLLM's feed is: `submit`
+    queues a batch and returns; each batch holds the engine `hold_s` longer (a slow GPU)."""
+
+    def __init__(
+        self, engine: TransformersEngine, batch_size: int, hold_s: float, fail_batch: int | None = None
+    ):
+        self.engine = engine
+        self.default_batch_size = batch_size
+        self.hold_s = hold_s
+        self.fail_batch = fail_batch  # this batch (0-based) meets a broken device
+        for name in ("model_id", "revision", "image_spec", "provenance", "is_tiny"):
+            setattr(self, name, getattr(engine, name))
+        self.image_spec_for = engine.image_spec_for
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.submitted = 0
+        self.joined_running = 0  # batches submitted while an earlier one was still unfinished
+        self.unfinished = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def caption(self, images, prompts, generation=None):
+        return self.submit(images, prompts, generation).result()
+
+    def submit(self, images, prompts, generation=None) -> Future:
+        future: Future = Future()
+        with self.lock:
+            self.joined_running += self.unfinished > 0
+            self.unfinished += 1
+            self.inbox.put((self.submitted, images, prompts, generation, future))
+            self.submitted += 1
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            n, images, prompts, generation, future = self.inbox.get()
+            time.sleep(self.hold_s)
+            with self.lock:
+                self.unfinished -= 1
+            if n == self.fail_batch:
+                future.set_exception(EngineFatalError("CUDA error: an illegal memory access (injected)"))
+            else:
+                future.set_result(self.engine.caption(images, prompts, generation))
+
+
+def _job_of(store, name: str, image_server, n: int, chunk_size: int):
+    job = store.ensure_job(name, "tiny", "describe", {}, chunk_size)
+    store.register_items(
+        job, [[InputItem(f"k{i}", image_server.url(f"/img/{40 + i}x40.jpg?seed={i}")) for i in range(n)]]
+    )
+    return job
+
+
+def _sqlite_store(path) -> Store:
+    upgrade(f"sqlite:///{path}")
+    return Store(f"sqlite:///{path}")
+
+
+def _rows(store) -> list[tuple]:
+    with store.engine.connect() as conn:
+        items = conn.execute(sa.text("SELECT key, status, caption FROM items ORDER BY key")).all()
+        chunks = conn.execute(sa.text("SELECT state, attempts FROM chunks ORDER BY chunk_no")).all()
+    return [tuple(r) for r in items], [tuple(c) for c in chunks]
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model_dir):
+    return TransformersEngine(tiny_model_dir, Settings(device="cpu", dtype="float32", max_new_tokens=4))
+
+
+def test_a_streaming_engine_is_fed_across_chunk_boundaries(image_server, tiny_engine, tmp_path):
+    """Each chunk is one batch: its task returns with the batch still in the engine (a
+    finisher writes it and finishes the chunk), and the next chunk's batch joins it there;
+    the captions and the chunks' ends are those of the synchronous path."""
+    settings = Settings(device="cpu", dtype="float32", max_new_tokens=4, fetch_retries=0)
+    streaming = StreamingTransformers(tiny_engine, 4, hold_s=1.5)
+    rows = {}
+    for name, engine in (("sync", tiny_engine), ("stream", streaming)):
+        store = _sqlite_store(tmp_path / f"{name}.db")
+        job = _job_of(store, "fed", image_server, 12, chunk_size=4)
+        run_job_locally(settings, store, job, engine)
+        rows[name] = _rows(store)
+    assert streaming.submitted == 3 and streaming.joined_running == 2
+    assert rows["stream"] == rows["sync"]
+    items, chunks = rows["stream"]
+    assert chunks == [("done", 1)] * 3 and [r[1] for r in items] == ["done"] * 12
+
+
+def test_a_stop_writes_the_batches_in_the_engine_and_hands_nothing_off(sqlite_url, image_server, tiny_engine):
+    settings = Settings(device="cpu", dtype="float32", max_new_tokens=4, fetch_retries=0)
+    streaming = StreamingTransformers(tiny_engine, 2, hold_s=0.5)
+    store = Store(sqlite_url)
+    job = _job_of(store, "stopped", image_server, 8, chunk_size=8)
+    lease = store.claim_chunk(job.id, 0, "w", 60, 3)
+    lease.keep()
+    stop = threading.Event()
+    pipeline = CaptionPipeline(settings, streaming, store, "w", stopping=stop)
+    try:
+        outcome = pipeline.run_chunk(
+            job, 0, on_written=lambda _: stop.set(), should_stop=stop.is_set, lease=lease
+        )
+        lease.release(count_attempt=False)  # as the runtime does on SIGTERM
+    finally:
+        pipeline.close()
+    assert outcome.left_to_finisher == 0 and not pipeline.finishers
+    assert outcome.done == 2 * streaming.submitted < 8  # every batch sent was written, no more
+    items, chunks = _rows(store)
+    assert [r[1] for r in items].count("done") == outcome.done
+    assert chunks == [("pending", 0)]
+
+
+def test_a_broken_device_under_a_finisher_stops_the_next_chunk_blaming_no_item(
+    sqlite_url, image_server, tiny_engine
+):
+    settings = Settings(device="cpu", dtype="float32", max_new_tokens=4, fetch_retries=0)
+    streaming = StreamingTransformers(tiny_engine, 4, hold_s=0.2, fail_batch=0)
+    store = Store(sqlite_url)
+    job = _job_of(store, "broken", image_server, 8, chunk_size=4)
+    pipeline = CaptionPipeline(settings, streaming, store, "w")
+    try:
+        lease = store.claim_chunk(job.id, 0, "w", 60, 3)
+        lease.keep()
+        assert pipeline.run_chunk(job, 0, lease=lease).left_to_finisher == 4
+        pipeline.drain()
+        with pytest.raises(EngineFatalError, match="illegal memory access"):
+            pipeline.run_chunk(job, 1, lease=store.claim_chunk(job.id, 1, "w", 60, 3))
+    finally:
+        pipeline.close()
+    with store.engine.connect() as conn:
+        chunk = conn.execute(
+            sa.text("SELECT state, attempts, last_error FROM chunks WHERE chunk_no = 0")
+        ).one()
+    assert (chunk.state, chunk.attempts) == ("pending", 1) and "illegal memory access" in chunk.last_error
+    assert {r[1] for r in _rows(store)[0]} == {"pending"}

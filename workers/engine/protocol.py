@@ -11,12 +11,18 @@ Every engine keeps it the same way (docs/ARCHITECTURE.md, "The walk of one item"
   Failure, and its neighbours are captioned ("Error classes");
 - a broken device raises `EngineFatalError` and blames no item: the worker stops.
 
+An engine that schedules sequences continuously (vLLM) also declares `StreamingEngine`:
+the pipeline then submits batches without waiting for the earlier ones, so the engine's
+queue never drains between batches or chunks while images are ready.
+
 Pure Python: naming the protocol imports neither torch nor any engine.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Protocol
 
 from recap.errors import ErrorClass, Failure
@@ -57,6 +63,24 @@ class CaptionEngine(Protocol):
 
     def image_spec_for(self, image_mode: str) -> ImageSpec:
         """What images must look like for a job of that image mode (pad or crop)."""
+        ...
+
+
+class StreamingEngine(ABC):
+    """The optional capability of an engine that takes new batches while earlier ones run.
+
+    Declared by inheriting it (the pipeline checks `isinstance`, never an attribute): the
+    engine owns its device from one thread of its own, so `submit` may be called from any
+    thread, and the captions of a batch join the sequences already running.
+    """
+
+    @abstractmethod
+    def submit(
+        self, images: list[Image], prompts: list[str], generation: dict | None = None
+    ) -> Future[list[Caption]]:
+        """Queue a batch; its future gives what `caption` returns for it (one Caption per
+        image, in order, a bad item failed alone), or raises EngineFatalError when the
+        device broke meanwhile (every batch in flight then fails so)."""
         ...
 
 
