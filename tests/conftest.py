@@ -101,15 +101,29 @@ def store(request, tmp_path):
     return Store(url)
 
 
+@pytest.fixture(scope="session")
+def redis_server():
+    """A Redis server of this test session's own (tests/support/redis_server.py): a free
+    port, a temp folder, no persistence. Never a Redis a developer keeps data in."""
+    from tests.support.redis_server import ThrowawayRedis, start_throwaway_redis
+
+    if not ThrowawayRedis.available():
+        pytest.skip("redis-server is not installed: tests that need Redis start one of their own")
+    server = start_throwaway_redis()
+    yield server
+    server.destroy()
+
+
 @pytest.fixture
-def redis_url():
-    """A Redis database number of this test's own, emptied before and after (never FLUSHALL)."""
+def redis_url(redis_server):
+    """Database 0 of the session's own Redis, emptied before and after the test."""
     import redis
 
-    number = 1 + os.getpid() % 14
-    url = f"redis://127.0.0.1:6379/{number}"
+    if redis_server.proc is None or redis_server.proc.poll() is not None:
+        redis_server.start()  # a test stopped it
+    url = redis_server.url
     client = redis.Redis.from_url(url)
-    client.flushdb()
+    client.flushall()
     yield url
-    client.flushdb()
+    client.flushall()
     client.close()

@@ -2,6 +2,8 @@
 
 This parent never touches CUDA (a forked child could then not initialise it): GPUs are
 listed with nvidia-smi, and each child sees only its own through CUDA_VISIBLE_DEVICES.
+No child outlives it: each asks the kernel for SIGTERM (its graceful stop) when the
+launcher dies, even by SIGKILL, so a restarted launcher never runs beside an old set.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from recap.errors import RecapError
 from recap.queue import queue_name
 from recap.settings import Settings
 from recap.worker_names import WORKER_NAME_ENV, node_name
+from workers.children import die_with_parent, pass_on_signals
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,26 +114,20 @@ def celery_argv(spec: WorkerSpec, settings: Settings, app_module: str = "workers
 def run_workers(specs: list[WorkerSpec], settings: Settings, app_module: str = "workers.celery_app") -> int:
     """Start one Celery worker per spec, each in its own process group; on SIGTERM or
     SIGINT send SIGTERM to every group (the Celery main process and its pool child, which
-    then finishes its batch and gives the rest of its chunk back). 0 when every worker
+    then finishes its batch and gives the rest of its chunk back). Should this launcher
+    die without a word (SIGKILL, OOM killer), the kernel sends each Celery main process
+    SIGTERM, which passes it on to its pool child (workers/tasks.py). 0 when every worker
     exited 0, else 1 (a worker killed by a signal has a negative code)."""
     children = [
         subprocess.Popen(
             celery_argv(spec, settings, app_module),
             env=spec.env(dict(os.environ)),
             start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM),
         )
         for spec in specs
     ]
 
-    def forward(_signum, _frame) -> None:
-        for child in children:
-            if child.poll() is None:
-                try:
-                    os.killpg(child.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    pass_on_signals(children, as_signal=signal.SIGTERM, to_group=True)
     codes = [child.wait() for child in children]
     return 0 if all(code == 0 for code in codes) else 1

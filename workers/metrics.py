@@ -1,4 +1,5 @@
-"""Prometheus metrics of a worker process, served on RECAP_METRICS_PORT (0 = off).
+"""Prometheus metrics of a worker process, served on RECAP_METRICS_PORT (0 = off), on
+RECAP_METRICS_ADDRESS (loopback unless opened up: the metrics name jobs and hosts).
 
 `recap worker` gives each of its worker processes its own port: the base port plus the
 GPU's number (GPU 0 → base, GPU 1 → base + 1, …; the CPU worker → base).
@@ -58,11 +59,11 @@ class BusyMeter:
             return min(1.0, sum(e[1] for e in self.events) / span), sum(e[2] for e in self.events) / span
 
 
-def serve(port: int) -> None:
+def serve(port: int, address: str = "127.0.0.1") -> None:
     if port <= 0:
         return
     try:
-        start_http_server(port)
-        log.info("metrics on :%d/metrics", port)
+        start_http_server(port, addr=address)
+        log.info("metrics on %s:%d/metrics", address, port)
     except OSError as exc:  # a taken port must not stop the worker
-        log.warning("metrics port %d unavailable: %s", port, exc)
+        log.warning("metrics on %s:%d unavailable: %s", address, port, exc)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from typing import Annotated
 
 import typer
@@ -14,6 +12,7 @@ from recap.db import get_engine, require_current_schema, require_postgres
 from recap.errors import RecapError
 from recap.transient import is_transient
 from workers.daemon import parse_gpus, run_workers, worker_specs
+from workers.flower_server import run_flower
 
 
 @command(app, "worker")
@@ -48,7 +47,8 @@ def flower(
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 5555,
     address: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
 ) -> None:
-    """Start Flower on this fleet's broker, with basic auth from RECAP_FLOWER_USER/PASSWORD."""
+    """Start Flower on this fleet's broker, every page (metrics too) behind basic auth from
+    RECAP_FLOWER_USER/PASSWORD; it stops when this command is stopped or killed."""
     settings = read_settings()
     if not settings.flower_user or not settings.flower_password:
         raise RecapError("recap flower needs RECAP_FLOWER_USER and RECAP_FLOWER_PASSWORD (basic auth)")
@@ -59,14 +59,4 @@ def flower(
     env = dict(os.environ)
     # Through the environment, so the password is not on the process list.
     env["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{secret}"
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.celery_app",
-        "flower",
-        f"--port={port}",
-        f"--address={address}",
-    ]
-    raise typer.Exit(subprocess.call(argv, env=env))
+    raise typer.Exit(run_flower(port, address, env))
