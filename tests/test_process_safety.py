@@ -419,3 +419,13 @@ def test_the_throwaway_redis_dies_with_the_test_session(tmp_path):
     session.kill()
     session.wait()
     wait_until(lambda: not alive([server]), 10, what="the session's Redis to exit")
+
+
+def test_compose_opens_worker_metrics_to_its_network_only():
+    """In a container loopback is the container itself: compose sets what a Prometheus on
+    its network needs, and publishes no worker port to the host."""
+    import yaml
+
+    worker = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())["services"]["worker"]
+    assert worker["environment"]["RECAP_METRICS_ADDRESS"] == "${RECAP_METRICS_ADDRESS:-0.0.0.0}"
+    assert "ports" not in worker
