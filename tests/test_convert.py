@@ -338,3 +338,12 @@ def test_the_command_converts_into_an_empty_folder_and_says_how_to_caption(origi
     )
     assert f"RECAP_IMAGE_MODE=pad recap run INPUT... --out PATH --model {out}" in result.stdout
     assert (out / "model.safetensors").is_file() and not list(tmp_path.glob(".converted.converting-*"))
+
+
+def test_importing_the_converter_does_not_import_torch():
+    """The configs are checked before torch and transformers load: refusals answer at once."""
+    code = (
+        "import sys, workers.convert, workers.convert.processor; "
+        "bad = {'torch', 'transformers'} & set(sys.modules); assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

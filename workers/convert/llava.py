@@ -89,9 +89,9 @@ def convert_llava(
     token = image_token(tokenizer, checkpoint.shape(EMBEDDINGS)[0])
     record = {
         "format": SOURCE_FORMAT,
-        "source": src,
+        "source": _where(source),
         "revision": source.revision,
-        "vision_tower": tower_name,
+        "vision_tower": _where(tower),
         "vision_tower_revision": tower.revision,
         "vision_tower_weights": tower_weights,
         "image_token": token.how,
@@ -107,6 +107,11 @@ def convert_llava(
     return Converted(
         out, source, tower, tower_weights, len(copies), token, config.image_seq_length, original.aspect_ratio
     )
+
+
+def _where(located: Located) -> str:
+    """A hub id as it is; a folder as an absolute path (a relative one says nothing later)."""
+    return str(located.path) if located.is_local else located.name
 
 
 def _check_out(out: Path) -> Path:

@@ -35,7 +35,15 @@ DERIVED_BUFFERS = ("embeddings.position_ids", "rotary_emb.inv_freq")
 # Config fields of LLaVA's, not of the language model (kept out of text_config).
 _LLAVA_ONLY_PREFIXES = ("mm_", "tune_", "freeze_", "unfreeze_", "tokenizer_", "image_", "s2")
 _LLAVA_ONLY_KEYS = frozenset(
-    {"architectures", "_name_or_path", "model_type", "transformers_version", "use_mm_proj", "recap_tiny"}
+    {
+        "architectures",
+        "_name_or_path",
+        "model_type",
+        "transformers_version",
+        "use_mm_proj",
+        "vision_tower",
+        "recap_tiny",
+    }
 )
 
 
