@@ -9,6 +9,7 @@ sets RECAP_REQUIRE_VLLM=1, which turns a missing vLLM into a failure instead.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -229,6 +230,58 @@ def test_a_broken_device_raises_and_the_engine_is_left_clean(vllm_engines, monke
     assert engine.llm.llm_engine.get_num_unfinished_requests() == 0  # aborted, not left behind
     assert summary(engine.caption(imgs, ps)) == expected
     assert engine.caption([], []) == []
+
+
+# -- keeping the engine full ----------------------------------------------------------------------
+
+
+def test_the_next_chunks_requests_join_the_running_ones(
+    vllm_engines, hf_engines, image_server, tmp_path, monkeypatch
+):
+    """`recap run`'s pipeline with one batch per chunk: each chunk's task returns with its
+    requests still in vLLM (its finisher writes them), and the next chunk's requests join
+    them there, so the engine runs dry once, at the end (its own counters say so). The
+    captions are the transformers engine's."""
+    from recap.db import upgrade
+    from recap.records import InputItem
+    from recap.store import Store
+    from workers.local import run_job_locally
+
+    engine = vllm_engines["llava"]
+    run_settings = Settings(max_new_tokens=MAX_NEW, fetch_retries=0)
+    step = engine.llm.llm_engine.step
+
+    def slow_step():  # a slow device: a chunk's captions take longer than the next chunk's images
+        time.sleep(0.1)
+        return step()
+
+    captions = {}
+    for name, caption_engine in (("transformers", hf_engines["llava"]), ("vllm", engine)):
+        url = f"sqlite:///{tmp_path}/{name}.db"
+        upgrade(url)
+        store = Store(url)
+        job = store.ensure_job("full", "tiny", PROMPT, {}, 4)
+        items = [
+            InputItem(f"k{i:02d}", image_server.url(f"/img/{40 + i}x36.jpg?seed={i}")) for i in range(12)
+        ]
+        store.register_items(job, [items])
+        before = dataclasses.replace(engine.feed.counters)
+        with monkeypatch.context() as patch:
+            patch.setattr(engine.llm.llm_engine, "step", slow_step)
+            run_job_locally(run_settings, store, job, caption_engine)
+        with store.engine.connect() as conn:
+            captions[name] = conn.execute(
+                sa.text("SELECT key, status, caption FROM items ORDER BY key")
+            ).all()
+            assert conn.execute(sa.text("SELECT DISTINCT state FROM chunks")).scalars().all() == ["done"]
+    counters = engine.feed.counters
+    assert counters.batches - before.batches == 3  # a chunk is one batch
+    # Chunk 1's requests were added while chunk 0's ran (chunk 2's wait for a free slot, and
+    # may find chunk 1's last step done), and the engine ran dry once: at the job's end.
+    assert counters.joined_running - before.joined_running >= 1
+    assert counters.drained - before.drained == 1
+    assert captions["vllm"] == captions["transformers"]
+    assert {row.status for row in captions["vllm"]} == {"done"}
 
 
 # -- provenance and the choice of engine ---------------------------------------------------------

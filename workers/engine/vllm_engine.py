@@ -10,7 +10,10 @@ item"; `workers.engine.protocol`):
 - each image goes into the engine as its own request: an item that vLLM refuses (an image
   its processor cannot read, a prompt longer than the model) fails alone at once while the
   others run; a failure inside a step of the engine leaves it in an unknown state, so it
-  is the device's (`EngineFatalError`), as a CUDA error is;
+  is the device's (`EngineFatalError`, for every batch in flight), as a CUDA error is;
+- one thread owns the engine (`workers.engine.vllm_feed`): the pipeline submits batches
+  without waiting (`StreamingEngine`), so a batch's (and the next chunk's) requests join
+  the ones running and vLLM's queue does not drain between our batches;
 - the new tokens are decoded with the same tokenizer call as the transformers engine, so
   equal tokens give equal captions; n_tokens excludes the end token, as there;
 - the job's generation settings become vLLM `SamplingParams` (greedy: temperature 0).
@@ -25,14 +28,12 @@ import json
 import logging
 import os
 import random
-import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from recap.errors import describe
 from recap.models import TINY_WARNING
 from recap.records import Caption, ImageSpec
-from workers.engine.failures import is_fatal
 from workers.engine.loading import (
     ModelSource,
     common_provenance,
@@ -43,7 +44,8 @@ from workers.engine.loading import (
     setup_tokens,
     special_token_pattern,
 )
-from workers.engine.protocol import EngineFatalError, FaultInjector, failed_caption, tidy
+from workers.engine.protocol import FaultInjector, StreamingEngine, tidy
+from workers.engine.vllm_feed import VllmFeed
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -59,8 +61,9 @@ VLLM_FAMILIES = frozenset({"llava", "llava_next"})
 CPU_KV_CACHE_CAP = 4 << 30  # bytes: on the CPU (tests, smoke runs) the KV cache is host memory
 
 
-class VllmEngine:
-    """vLLM's `LLM`, fed one request per image, stepped in this process."""
+class VllmEngine(StreamingEngine):
+    """vLLM's `LLM`, fed one request per image, stepped in this process by one thread of
+    its own (`VllmFeed`): batches from any thread join the requests already running."""
 
     def __init__(
         self,
@@ -99,6 +102,7 @@ class VllmEngine:
         self._strip_specials = special_token_pattern(self.processor)
         self.max_num_seqs = settings.vllm_max_num_seqs
         self.llm = vllm.LLM(**{**self._engine_args(located, config), **(engine_args or {})})
+        self.feed = VllmFeed(self.llm, self._add_request, self._decode, self.max_num_seqs)
         # In-process, vLLM seeds Python's global RNG with its fixed seed: reseed it, or every
         # worker would draw the same retry jitter (workers.fetch, recap.transient).
         random.seed()
@@ -133,8 +137,8 @@ class VllmEngine:
         return args
 
     def _default_batch_size(self) -> int:
-        """Twice the sequences vLLM keeps in flight: its queue stays full while a batch's
-        last captions finish (a batch is also cut at the end of a chunk)."""
+        """Twice the sequences vLLM keeps in flight: with the pipeline's next batch already
+        submitted, its queue stays full while a batch's last captions finish."""
         return 2 * self.max_num_seqs
 
     def _provenance(self, version: str) -> dict:
@@ -166,59 +170,25 @@ class VllmEngine:
     def caption(
         self, images: list[Image], prompts: list[str], generation: dict | None = None
     ) -> list[Caption]:
-        """One caption per image; `generation` is the job's recorded generation settings.
-        Not to be called from two threads at once (the pipeline holds a lock)."""
+        """One caption per image; `generation` is the job's recorded generation settings."""
+        return self.submit(images, prompts, generation).result()
+
+    def submit(
+        self, images: list[Image], prompts: list[str], generation: dict | None = None
+    ) -> Future[list[Caption]]:
+        """Queue a batch behind (and beside) the ones running: its requests join them as
+        the engine thread takes them (`StreamingEngine`)."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        started = time.perf_counter()
-        params = self._params_for(generation)
-        out: list[Caption | None] = [None] * len(images)
-        added: dict[str, int] = {}  # vLLM's request id: the item's index
-        for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
-            request_id = self._add(i, image, prompt, params, out, added)
-            if request_id is not None:
-                added[request_id] = i
-        finished = self._run(added)
-        per_item_ms = (time.perf_counter() - started) * 1000.0 / max(1, len(images))
-        for i, output in zip(added.values(), finished, strict=True):
-            out[i] = self._decode(output, per_item_ms)
-        return out  # type: ignore[return-value]
+        return self.feed.submit(images, prompts, self._params_for(generation))
 
-    def _add(self, i: int, image, prompt: str, params, out: list, added: dict) -> str | None:
-        """Hand one item to vLLM (its processor runs now); a refused item fails alone."""
-        try:
-            if self._inject is not None:
-                self._inject(1, [image])
-            request = {"prompt_token_ids": self._prompt_ids(prompt), "multi_modal_data": {"image": image}}
-            (request_id,) = self.llm.enqueue(request, params, use_tqdm=False)
-            return request_id
-        except Exception as error:
-            if is_fatal(error):
-                self._abort(list(added))
-                raise EngineFatalError(describe(error, 300)) from error
-            log.warning("item %d failed alone: %s", i, describe(error, 300))
-            out[i] = failed_caption(describe(error, 300))
-            return None
-
-    def _run(self, added: dict[str, int]) -> list:
-        """Step the engine until every request is finished; their outputs, in the order
-        they were added (vLLM sorts them so). A failed step is fatal."""
-        if not added:
-            return []
-        try:
-            outputs = self.llm.wait_for_completion(use_tqdm=False)
-        except Exception as error:
-            self._abort(list(added))
-            raise EngineFatalError(f"vLLM engine step failed: {describe(error, 300)}") from error
-        if len(outputs) != len(added):  # requests of another caller: the engine is not ours
-            raise EngineFatalError(f"vLLM finished {len(outputs)} requests, {len(added)} were added")
-        return outputs
-
-    def _abort(self, request_ids: list[str]) -> None:
-        try:
-            self.llm.llm_engine.abort_request(request_ids, internal=True)
-        except Exception:  # the engine is going down anyway; the error that brought it down matters
-            log.exception("could not abort %d vLLM requests", len(request_ids))
+    def _add_request(self, image, prompt: str, params) -> str:
+        """Hand one item to vLLM (on the feed's thread); raises what vLLM raises for it."""
+        if self._inject is not None:
+            self._inject(1, [image])
+        request = {"prompt_token_ids": self._prompt_ids(prompt), "multi_modal_data": {"image": image}}
+        (request_id,) = self.llm.enqueue(request, params, use_tqdm=False)
+        return request_id
 
     def _prompt_ids(self, prompt: str) -> list[int]:
         """The chat template's tokens for one image and `prompt`, as transformers makes them
