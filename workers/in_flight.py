@@ -62,6 +62,9 @@ class EngineSlots:
         metrics.BATCH_SIZE.observe(images)
         metrics.BATCH_SECONDS.observe(finished - submitted)
         self._busy.record(busy, images)
+        self.release()
+
+    def release(self) -> None:
         self._free.release()
 
 
@@ -126,7 +129,7 @@ class Flight:
         try:
             future = self.pipeline.engine.submit([p.image for p in ready], prompts, self.job.generation)
         except BaseException:
-            self.pipeline.slots.give_back(submitted, 0)
+            self.pipeline.slots.release()
             raise
         future.add_done_callback(lambda _: self.pipeline.slots.give_back(submitted, len(ready)))
         return future

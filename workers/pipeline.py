@@ -114,14 +114,16 @@ class CaptionPipeline:
         items = self.store.pending_items(job.id, chunk_no)
         feed = ImageFeed(self._loader_for(job).load(items), size=2 * self.batch_size)
         flight = Flight(self, job, chunk_no, outcome, on_written)
+        feed_handed_off = False
         try:
-            self._run_feed(feed, flight, len(items), should_stop or (lambda: False), lease)
+            feed_handed_off = self._run_feed(feed, flight, len(items), should_stop or (lambda: False), lease)
         finally:
-            if not outcome.left_to_finisher:
+            if not feed_handed_off:
                 feed.close()
         return outcome
 
-    def _run_feed(self, feed: ImageFeed, flight: Flight, count: int, should_stop, lease) -> None:
+    def _run_feed(self, feed: ImageFeed, flight: Flight, count: int, should_stop, lease) -> bool:
+        """True when a finisher took the feed (its stragglers still loading)."""
         batch = FormingBatch()
         remaining = count
         may_leave = max(1, int(count * self.settings.straggler_share))
@@ -137,8 +139,7 @@ class CaptionPipeline:
                 continue
             if loaded is None:  # only stragglers left, and the engine would wait for them
                 flight.send(batch)
-                self._end(flight, should_stop, lease, feed, remaining)
-                return
+                return self._end(flight, should_stop, lease, feed, remaining)
             if loaded is END:
                 break
             remaining -= 1
@@ -149,18 +150,19 @@ class CaptionPipeline:
                 if should_stop():
                     break
         flight.send(batch)
-        self._end(flight, should_stop, lease, None, 0)
+        return self._end(flight, should_stop, lease, None, 0)
 
-    def _end(self, flight: Flight, should_stop, lease, feed: ImageFeed | None, stragglers: int) -> None:
+    def _end(self, flight: Flight, should_stop, lease, feed: ImageFeed | None, stragglers: int) -> bool:
         """The chunk's task is done with it: what is still loading or in the engine goes to
-        a finisher; stopping, the batches in the engine are written first (nothing is
-        handed off: the runtime gives the chunk back)."""
+        a finisher (True: with the feed); stopping, the batches in the engine are written
+        first and nothing is handed off (the runtime gives the chunk back)."""
         if should_stop() or lease is None or not (stragglers or flight.items):
             flight.wait_all()
-            return
+            return False
         outcome, left = flight.outcome, stragglers + flight.items
-        self._hand_off(Finisher(self, flight.job, lease, flight, feed, stragglers))
+        self._hand_off(Finisher(self, flight.job, lease, flight, feed if stragglers else None, stragglers))
         outcome.left_to_finisher = left
+        return bool(stragglers)
 
     def _hand_off(self, finisher: Finisher) -> None:
         lease = finisher.lease
