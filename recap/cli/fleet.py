@@ -27,9 +27,9 @@ from recap.cli.base import (
 )
 from recap.cli.error_classes import error_classes
 from recap.cli.register import check_inputs, open_and_register, probe_inputs
-from recap.db import database_url_or_default, parse_database_url
+from recap.db import database_url_or_default, parse_database_url, safe_url, schema_exists
 from recap.dispatch import Dispatcher, DispatchReport
-from recap.errors import ServiceUnavailable
+from recap.errors import RecapError, ServiceUnavailable
 from recap.store import JobInfo
 from recap.transient import is_transient
 
@@ -102,7 +102,13 @@ def retry(
     are re-enqueued; on SQLite the next `recap run` of the job captions them."""
     classes = error_classes(errors, "--errors")
     settings = read_settings()
-    if is_sqlite(database_url_or_default(settings.database_url)):
+    url = database_url_or_default(settings.database_url)
+    if is_sqlite(url):
+        if not schema_exists(url):
+            raise RecapError(
+                f"no recap database at {safe_url(url)}: `recap retry` works on a `recap run` database "
+                "(SQLite) or on a fleet's PostgreSQL (set RECAP_DATABASE_URL)"
+            )
         store = local_store()
         retried = store.retry_failed(store.get_job(job), classes)
         say(

@@ -172,16 +172,20 @@ def _held_elsewhere(store: Store, job: JobInfo, me: str) -> list[str]:
 
 def _wait_for_others(store: Store, job: JobInfo, me: str) -> None:
     """Until no other process holds chunks of the job (finished, or given back)."""
+    owners = ", ".join(sorted(set(_held_elsewhere(store, job, me))))
+    pending = store.job_status(job).items.pending
+    say(
+        f"waiting for {pending:,} items that another process is captioning ({owners}): "
+        "the export will hold them too; Ctrl-C stops waiting",
+        to=err,
+    )
     try:
-        with err.status("waiting…") as spinner:
-            while owners := _held_elsewhere(store, job, me):
+        with err.status(f"waiting for {pending:,} items…") as spinner:
+            while _held_elsewhere(store, job, me):
                 pending = store.job_status(job).items.pending
                 if pending == 0:
                     return
-                spinner.update(
-                    f"waiting for {pending:,} items that another process is captioning "
-                    f"({', '.join(sorted(set(owners)))}); Ctrl-C stops waiting"
-                )
+                spinner.update(f"waiting for {pending:,} items…")
                 time.sleep(WAIT_POLL_S)
     except KeyboardInterrupt:
         say("interrupted: run the same command again to export once the other process is done", to=err)
