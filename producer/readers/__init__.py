@@ -13,6 +13,12 @@ Everything streams: tables are read block by block (parquet row-group batches of
 needed columns, CSV blocks, JSONL lines), tar shards by walking their headers, folders one
 directory listing at a time, so memory stays flat whatever the input size.
 
+Before a job is registered, `probe_inputs` (`probe.py`) opens every file and reads its
+header or first rows, so a file that cannot be read as asked fails while nothing is written.
+recap's own exports found by a folder walk or a glob are skipped and counted (`outputs.py`);
+a file named on the command line is read as given. A URL holding a NUL byte is left out as
+`invalid_url` (no database stores it); a NUL in a caption, key or hash is removed.
+
 Keys: the `--id-col` value (numbers stringified) or the sha256 hex of the URL; for shard
 members the json `key` (else the webdataset key), for image files the path relative to the
 folder given. Duplicates are NOT removed here: the database deduplicates by (job, key), so
