@@ -252,3 +252,25 @@ def test_a_broken_device_under_a_finisher_stops_the_next_chunk_blaming_no_item(
         ).one()
     assert (chunk.state, chunk.attempts) == ("pending", 1) and "illegal memory access" in chunk.last_error
     assert {r[1] for r in _rows(store)[0]} == {"pending"}
+
+
+def test_a_finisher_that_loses_the_lease_stops_without_writing_or_finishing(
+    sqlite_url, image_server, tiny_engine
+):
+    settings = Settings(device="cpu", dtype="float32", max_new_tokens=4, fetch_retries=0)
+    streaming = StreamingTransformers(tiny_engine, 4, hold_s=1.0)
+    store = Store(sqlite_url)
+    job = _job_of(store, "taken", image_server, 4, chunk_size=4)
+    pipeline = CaptionPipeline(settings, streaming, store, "w")
+    lease = store.claim_chunk(job.id, 0, "w", 60, 3)
+    lease.keep()
+    try:
+        assert pipeline.run_chunk(job, 0, lease=lease).left_to_finisher == 4
+        assert pipeline.is_finishing(job.id, 0)
+        lease.lost.set()  # as a renewal that finds the chunk taken does
+        pipeline.drain(timeout=10)
+        assert not pipeline.finishers and not pipeline.is_finishing(job.id, 0)
+    finally:
+        pipeline.close()
+    items, chunks = _rows(store)
+    assert {r[1] for r in items} == {"pending"} and chunks == [("running", 1)]
