@@ -222,9 +222,11 @@ def test_a_missing_config_file_is_an_error_not_the_defaults(tmp_path):
     )
 
 
-def test_rows_left_out_of_an_input_are_said_with_their_reason(tmp_path):
+def test_rows_left_out_of_an_input_are_said_with_their_reason(tmp_path, image_server):
+    # The one item read is captioned: a run whose every item failed exits 1 (issue 14).
     urls = tmp_path / "urls.jsonl"
-    urls.write_text('{"url": ""}\n{"url": "http://127.0.0.1:9/a.jpg"}\nnot json\n')
+    good = image_server.url("/img/64x48.jpg?seed=1")
+    urls.write_text(f'{{"url": ""}}\n{{"url": "{good}"}}\nnot json\n')
     result = run_cli(
         "run",
         str(urls),
@@ -238,6 +240,7 @@ def test_rows_left_out_of_an_input_are_said_with_their_reason(tmp_path):
             "RECAP_DATABASE_URL": f"sqlite:///{tmp_path}/r.db",
             "RECAP_CACHE_DIR": str(tmp_path / "c"),
             "RECAP_FETCH_RETRIES": "0",
+            "RECAP_FETCH_ALLOW_CIDRS": "127.0.0.1/32",
         },
     )
     assert result.returncode == 0, result.stderr[-2000:]
