@@ -279,3 +279,35 @@ def test_a_worker_never_captions_a_job_of_another_model(pg_url, redis_url, tmp_p
             text("SELECT attempts, lease_owner FROM chunks WHERE job_id = :j"), {"j": job.id}
         ).one()
     assert (attempts, owner) == (0, None)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (["--model", "[/]"], {}, "neither a model folder"),
+        (["--model", "./no-such-model"], {}, "no such folder"),
+        (["--model", "tiny-mllama", "--engine", "vllm"], {}, "RECAP_ENGINE=vllm but"),
+        (["--model", "tiny", "--engine", "bogus"], {}, "--engine takes auto, vllm or transformers"),
+    ],
+)
+def test_run_refuses_a_model_or_engine_it_cannot_have_before_writing(tmp_path, args, env, says):
+    urls = tmp_path / "urls.txt"
+    urls.write_text("http://127.0.0.1:9/a.jpg\n")
+    db = tmp_path / "r.db"
+    result = run_cli(
+        "run", str(urls), "--out", str(tmp_path / "o.parquet"), *args,
+        env={"RECAP_DATABASE_URL": f"sqlite:///{db}", "RECAP_CACHE_DIR": str(tmp_path / "c"), **env},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert says in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not db.exists()
+
+
+def test_worker_refuses_an_engine_it_cannot_have_before_starting(pg_url, tmp_path):
+    result = run_cli(
+        "worker", "--gpus", "none",
+        env={"RECAP_DATABASE_URL": pg_url, "RECAP_MODEL": "tiny-mllama", "RECAP_ENGINE": "vllm"},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "RECAP_ENGINE=vllm but" in result.stderr and "starting" not in result.stderr

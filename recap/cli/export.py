@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from recap.cli.base import app, command, local_store, out
+from recap.cli.base import app, command, local_store, say
 from recap.clock import as_utc
 from recap.errors import RecapError
 from recap.quality import FLAGS
@@ -52,7 +52,7 @@ def export(
         since=since_time,
         overwrite=overwrite,
     )
-    out.print(f"exported {stats.rows:,} rows in {stats.files} file(s) to {out_path}")
+    say(f"exported {stats.rows:,} rows in {stats.files} file(s) to {out_path}")
 
 
 def _parse_since(since: str | None):

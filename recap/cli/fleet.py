@@ -21,7 +21,6 @@ from recap.cli.base import (
     command,
     fleet_store,
     local_store,
-    out,
     read_settings,
     say,
 )
@@ -88,9 +87,9 @@ def reconcile(job: Annotated[str | None, typer.Option(help="Only this job.")] = 
     jobs = [store.get_job(job)] if job else None
     reports = dispatch(Dispatcher(store, settings), jobs)
     for report in reports:
-        out.print(f"{report.queue}: {report.depth_before} waiting, enqueued {report.enqueued}")
+        say(f"{report.queue}: {report.depth_before} waiting, enqueued {report.enqueued}")
     if not reports:
-        out.print("nothing to reconcile: no unfinished jobs")
+        say("nothing to reconcile: no unfinished jobs")
 
 
 @command(app, "retry")

@@ -7,11 +7,12 @@ from typing import Annotated
 
 import typer
 
-from recap.cli.base import app, command, err, read_settings
+from recap.cli.base import app, command, err, read_settings, say
 from recap.db import get_engine, require_current_schema, require_postgres
 from recap.errors import RecapError
 from recap.transient import is_transient
 from workers.daemon import parse_gpus, run_workers, worker_specs
+from workers.engine.choice import check_model_name, choose_engine
 from workers.flower_server import run_flower
 
 
@@ -21,12 +22,14 @@ def worker(
 ) -> None:
     """Start worker processes on this host: one per GPU, or one on the CPU."""
     settings = read_settings()
-    check_schema_unless_unreachable(require_postgres(settings.database_url, "worker"))
+    url = require_postgres(settings.database_url, "worker")
+    check_model_name(settings.model)  # a model or engine that cannot be had: before any claim
+    choice = choose_engine(settings)
+    check_schema_unless_unreachable(url)
     specs = worker_specs(parse_gpus(gpus), settings)
     for spec in specs:
-        err.print(
-            f"starting {spec.node_name} on {'GPU ' + spec.gpu if spec.gpu else 'the CPU'}, queue {spec.queue}"
-        )
+        where = f"GPU {spec.gpu}" if spec.gpu else "the CPU"
+        say(f"starting {spec.node_name} on {where}, queue {spec.queue}, engine {choice.name}", to=err)
     raise typer.Exit(run_workers(specs, settings))
 
 
@@ -37,7 +40,7 @@ def check_schema_unless_unreachable(url: str) -> None:
     except Exception as exc:
         if not is_transient(exc):
             raise
-        err.print(f"could not check the database schema ({type(exc).__name__}): starting anyway")
+        say(f"could not check the database schema ({type(exc).__name__}): starting anyway", to=err)
     finally:
         get_engine(url).dispose()  # the launcher itself keeps no connection open
 

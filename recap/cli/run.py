@@ -39,9 +39,11 @@ from recap.cli.base import (
 from recap.cli.error_classes import error_classes
 from recap.cli.register import check_inputs, open_and_register
 from recap.cli.render import print_summary
+from recap.errors import RecapError
 from recap.settings import Settings
 from recap.store import JobInfo, JobStatus, Store
 from recap.worker_names import LocalOwner
+from workers.engine import check_engine_choice
 
 JobOpt = Annotated[str | None, typer.Option(help="Job name (default: derived from inputs and model).")]
 FormatOpt = Annotated[str | None, typer.Option("--format", help="parquet or jsonl (default: from --out).")]
@@ -50,6 +52,13 @@ RetryOpt = Annotated[
     typer.Option(
         help="Comma-separated error classes whose failed items are captioned again, e.g. timeout,http_5xx."
     ),
+]
+EngineOpt = Annotated[
+    str | None,
+    typer.Option(help="auto, vllm or transformers (default: RECAP_ENGINE); not part of the job."),
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace a non-empty --out folder that recap did not write.")
 ]
 # How often a run waiting for another process's chunks looks again.
 WAIT_POLL_S = 1.0
@@ -65,6 +74,8 @@ def run(
     fmt: FormatOpt = None,
     export_status: Annotated[str, typer.Option(help="Export done, failed or all items.")] = "done",
     retry_errors: RetryOpt = None,
+    engine: EngineOpt = None,
+    overwrite: OverwriteOpt = False,
     url_col: UrlCol = "url",
     caption_col: CaptionCol = None,
     id_col: IdCol = None,
@@ -74,13 +85,14 @@ def run(
     same command again to resume; the export holds exactly the input's items as it is now."""
     from producer.export import export_format, export_job  # pyarrow: only when exporting
 
-    settings = read_settings()
+    settings = with_engine(read_settings(), engine)
     model = model or settings.model
+    check_engine_choice(settings, model)  # a model or engine that cannot be had: before any write
     if job is not None:
         check_job_name(job)
     retry_classes = error_classes(retry_errors, "--retry-errors") if retry_errors is not None else []
     check_inputs(inputs)
-    export_format(out_path, fmt)  # a bad --out is said now, not after the captioning
+    export_format(out_path, fmt, overwrite=overwrite)  # a bad --out is said now, not after the captioning
     wanted = columns(url_col, caption_col, id_col, sha256_col)
     with InputKeys.scratch() as keys:
         with err.status("reading inputs…"):
@@ -93,11 +105,20 @@ def run(
         retried = store.retry_failed(job_info, retry_classes)
         say(f"{retried.items:,} failed item(s) of {', '.join(retry_classes)} back to pending", to=err)
     left = caption_until_finished(settings, store, job_info, model)
-    stats = export_job(store, job_info, out_path, fmt=fmt, status=export_status)
+    stats = export_job(store, job_info, out_path, fmt=fmt, status=export_status, overwrite=overwrite)
     status = store.job_status(job_info)
     print_summary(status)
     say(f"exported {stats.rows} rows to {out_path} (job {job_info.name})")
     _exit_unless_done(status, left)
+
+
+def with_engine(settings: Settings, engine: str | None) -> Settings:
+    """`--engine` over RECAP_ENGINE (checked as the setting is)."""
+    if engine is None:
+        return settings
+    if engine not in ("auto", "vllm", "transformers"):
+        raise RecapError(f"--engine takes auto, vllm or transformers, got {engine!r}")
+    return settings.model_copy(update={"engine": engine})
 
 
 def _say_replaced(chosen: InputJob) -> None:
@@ -203,8 +224,10 @@ class _Captioner:
         # torch and transformers: imported only once there is something to caption.
         from workers.engine import load_engine
         from workers.local import run_job_locally
+        from workers.threads import apply_torch_threads
 
         if self.engine is None:
+            apply_torch_threads(self.settings)  # before torch loads: its thread pools read it once
             with err.status(f"loading {self.model}…"):
                 self.engine = load_engine(self.settings, self.model)
         with _progress_bar() as progress:

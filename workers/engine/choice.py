@@ -89,9 +89,28 @@ def choose_engine(settings: Settings, model: str | None = None) -> EngineChoice:
 
 
 def check_engine_choice(settings: Settings, model: str | None = None) -> None:
-    """Raise RecapError (one line) where the engine RECAP_ENGINE names cannot caption
-    `model` here. For `recap run` and `recap worker`, before any chunk is claimed."""
+    """Raise RecapError (one line) where `model` names nothing loadable, or the engine
+    RECAP_ENGINE names cannot caption it here. For `recap run` and `recap worker`, before
+    any job is written or any chunk is claimed."""
+    check_model_name(model or settings.model)
     choose_engine(settings, model)
+
+
+def check_model_name(model: str) -> None:
+    """A tiny alias, an existing folder, or a well-formed hub id (`org/name`); whether a hub
+    id exists is only known when it loads (offline hosts cannot ask)."""
+    if tiny_family(model) is not None or Path(model).expanduser().is_dir():
+        return
+    if model.startswith((".", "/", "~")) or Path(model).expanduser().exists():
+        raise RecapError(f"model {model!r}: no such folder (a model folder holds config.json)")
+    try:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id  # no torch behind it
+
+        validate_repo_id(model)
+    except HFValidationError:
+        raise RecapError(
+            f"model {model!r} is neither a model folder, a hub id like org/name, nor 'tiny'"
+        ) from None
 
 
 def model_type(model: str, revision: str | None = None) -> str | None:
