@@ -50,7 +50,9 @@ def derive_job_name(inputs: list[str], settings: Settings, model: str) -> str:
     """Same inputs, model, prompt and generation settings, same name: running `recap run`
     again resumes; changing any of them starts a new job. (Inputs as typed: a file whose
     contents change keeps its name; `producer.input_job` finds the job of its contents.)"""
-    recipe = json.dumps([model, settings.prompt, settings.generation(), sorted(inputs)], sort_keys=True)
+    recipe = json.dumps(
+        [model, settings.prompt, settings.generation().to_json(), sorted(inputs)], sort_keys=True
+    )
     digest = hashlib.sha256(recipe.encode()).hexdigest()[:10]
     return check_job_name(f"run-{model_slug(model)[:40]}-{digest}")
 

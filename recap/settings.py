@@ -29,6 +29,7 @@ from pydantic_settings import (
 
 from recap.db import parse_database_url
 from recap.errors import RecapError, one_line
+from recap.generation import GenerationSettings
 from recap.resources import resource_path
 
 PAPER_PROMPT = "Please generate a detailed caption of this image. Please be as descriptive as possible."
@@ -89,6 +90,7 @@ class Settings(BaseSettings):
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0, le=100)
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1, le=1_000_000)  # sampling only; None: the model's own
     image_mode: Literal["pad", "crop"] = "pad"
     batch_size: int | None = Field(None, ge=1, le=65_536)  # None: the model's default
     device: str = "auto"  # auto, cpu, cuda, cuda:N
@@ -238,16 +240,18 @@ class Settings(BaseSettings):
         files = {key: value for path in config_files() for key, value in read_toml(path).items()}
         return (init_settings, env_settings, InitSettingsSource(settings_cls, files))
 
-    def generation(self) -> dict:
-        """The generation settings recorded with a job (and with every caption)."""
-        return {
-            "max_new_tokens": self.max_new_tokens,
-            "do_sample": self.do_sample,
-            "temperature": self.temperature if self.do_sample else None,
-            "top_p": self.top_p if self.do_sample else None,
-            "repetition_penalty": self.repetition_penalty,
-            "image_mode": self.image_mode,
-        }
+    def generation(self) -> GenerationSettings:
+        """The generation settings a job made now records (and captions with)."""
+        sampling = self.do_sample
+        return GenerationSettings(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=sampling,
+            temperature=self.temperature if sampling else None,
+            top_p=self.top_p if sampling else None,
+            repetition_penalty=self.repetition_penalty,
+            image_mode=self.image_mode,
+            top_k=self.top_k if sampling else None,
+        )
 
 
 @lru_cache(maxsize=1)

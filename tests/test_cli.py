@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from recap.generation import GenerationSettings
 from tests.support.fleet import REPO
 
 
@@ -65,7 +66,7 @@ def test_status_shows_counts_failures_and_expiring_leases(sqlite_url):
     from recap.store import Store
 
     store = Store(sqlite_url)
-    job = store.ensure_job("watched", "tiny", "describe", {}, 2)
+    job = store.ensure_job("watched", "tiny", "describe", GenerationSettings.from_json({}), 2)
     store.register_items(job, [[InputItem(f"k{i}", f"http://127.0.0.1/{i}") for i in range(4)]])
     store.claim_chunk(job.id, 0, "w", 60, 3)
     store.write_results(
@@ -121,7 +122,7 @@ def test_an_older_schema_is_refused_until_upgraded_and_keeps_its_jobs(pg_url):
     from recap.store import Store
 
     store = Store(pg_url)
-    job = store.ensure_job("older", "tiny", "describe", {}, 2)
+    job = store.ensure_job("older", "tiny", "describe", GenerationSettings.from_json({}), 2)
     store.register_items(job, [[InputItem(f"k{i}", f"http://127.0.0.1/{i}") for i in range(4)]])
     command.downgrade(alembic_config(pg_url), "0001")
     env = {"RECAP_DATABASE_URL": pg_url}
@@ -160,7 +161,7 @@ def test_a_worker_on_an_older_schema_claims_nothing(pg_url, redis_url, tmp_path)
     from workers.runtime import WorkerRuntime
 
     store = Store(pg_url)
-    job = store.ensure_job("older", "tiny", "describe", {}, 2)
+    job = store.ensure_job("older", "tiny", "describe", GenerationSettings.from_json({}), 2)
     store.register_items(job, [[InputItem(f"k{i}", f"http://127.0.0.1/{i}") for i in range(2)]])
     command.downgrade(alembic_config(pg_url), "0001")
     runtime = WorkerRuntime(
@@ -258,7 +259,7 @@ def test_a_worker_never_captions_a_job_of_another_model(pg_url, redis_url, tmp_p
     from workers.runtime import WorkerRuntime
 
     store = Store(pg_url)
-    job = store.ensure_job("other", "org/model", "describe", {}, 2)
+    job = store.ensure_job("other", "org/model", "describe", GenerationSettings.from_json({}), 2)
     store.register_items(job, [[InputItem("k0", "http://127.0.0.1/0")]])
     runtime = WorkerRuntime(
         Settings(

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from recap.errors import ErrorClass
+from recap.generation import GenerationSettings
 from recap.settings import Settings
 
 torch = pytest.importorskip("torch")
@@ -339,7 +340,9 @@ def test_a_broken_device_raises_instead_of_failing_every_item(model_dirs, settin
 def test_a_jobs_recorded_generation_settings_win_over_the_workers(engines, settings):
     """A worker serves jobs with their own settings: max_new_tokens from the job."""
     engine = engines["llava"]
-    short = engine.caption(images(2), prompts(2), {"max_new_tokens": 3, "do_sample": False})
+    short = engine.caption(
+        images(2), prompts(2), GenerationSettings.from_json({"max_new_tokens": 3, "do_sample": False})
+    )
     default = engine.caption(images(2), prompts(2))
     assert [c.n_tokens for c in short] == [3, 3]
     assert all(c.n_tokens == settings.max_new_tokens for c in default)
@@ -369,7 +372,7 @@ def test_compiled_decoding_gives_the_same_captions(model_dirs, settings, engines
     imgs, ps = images(3), prompts(3)
     compiled = engine.caption(imgs, ps)
     assert getattr(engine.model, "_compiled_call", None) is not None, "generate did not compile"
-    eager = engines["llava"].caption(imgs, ps, {"max_new_tokens": 4})
+    eager = engines["llava"].caption(imgs, ps, GenerationSettings.from_json({"max_new_tokens": 4}))
     assert texts(compiled) == texts(eager)
     assert [c.n_tokens for c in compiled] == [4, 4, 4]
 
@@ -391,7 +394,7 @@ def test_asking_for_vllm_where_it_is_not_installed_is_a_one_line_error(settings)
     assert load_engine(settings.model_copy(update={"engine": "auto"}), "tiny").provenance["engine"] == (
         "transformers"
     )
-    assert "engine" not in settings.generation()  # a worker's choice, not a job's
+    assert "engine" not in settings.generation().to_json()  # a worker's choice, not a job's
 
 
 def test_tiny_checkpoints_have_the_hub_key_layout_and_head_dim_32(model_dirs):

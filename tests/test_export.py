@@ -9,13 +9,16 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from producer.export import EXPORT_SCHEMA, export_job
+from recap.generation import GenerationSettings
 from recap.records import InputItem, ItemResult
 from recap.store import Store
 
 
 def _job_with_results(sqlite_url):
     store = Store(sqlite_url)
-    job = store.ensure_job("exp", "tiny", "describe {org_caption}", {"max_new_tokens": 8}, 10)
+    job = store.ensure_job(
+        "exp", "tiny", "describe {org_caption}", GenerationSettings.from_json({"max_new_tokens": 8}), 10
+    )
     store.register_items(
         job, [[InputItem(f"k{i}", f"http://127.0.0.1/{i}.jpg", org_caption="a b c") for i in range(5)]]
     )

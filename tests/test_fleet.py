@@ -11,6 +11,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
+from recap.generation import GenerationSettings
 from tests.support.fleet import REPO, Fleet, wait_until
 from tests.support.pg_cluster import free_port
 
@@ -202,7 +203,7 @@ def test_the_same_chunk_delivered_twice_is_worked_once(fleet, control_app, pg_ur
 
     model = fleet.env["RECAP_MODEL"]
     store = Store(pg_url)
-    job = store.ensure_job("twice", model, "describe", {}, 50)
+    job = store.ensure_job("twice", model, "describe", GenerationSettings.from_json({}), 50)
     store.register_items(
         job, [[InputItem(f"k{i}", image_server.url(f"/slow?delay=0.1&seed={i}")) for i in range(30)]]
     )
@@ -249,7 +250,7 @@ def test_pickled_messages_are_refused(fleet, control_app, pg_url, tiny_model_dir
     from recap.store import Store
 
     store = Store(pg_url)
-    job = store.ensure_job("pickle", "some-other-model", "describe", {}, 10)
+    job = store.ensure_job("pickle", "some-other-model", "describe", GenerationSettings.from_json({}), 10)
     store.register_items(job, [[InputItem("k", "http://127.0.0.1:9/x.jpg")]])
     fleet.start_worker()
     fleet.wait_ready(control_app, 1)

@@ -150,7 +150,9 @@ def test_run_exports_exactly_the_input_as_it_is_now(tmp_path, image_server, tiny
 def test_the_derived_name_of_an_unchanged_input_is_what_it_was():
     """A job made before the input rule resumes after it: the name is the same recipe."""
     settings = Settings()
-    recipe = json.dumps(["tiny", settings.prompt, settings.generation(), ["a.txt", "b.txt"]], sort_keys=True)
+    recipe = json.dumps(
+        ["tiny", settings.prompt, settings.generation().to_json(), ["a.txt", "b.txt"]], sort_keys=True
+    )
     before = f"run-tiny-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}"
     assert derive_job_name(["b.txt", "a.txt"], settings, "tiny") == before
 

@@ -22,6 +22,7 @@ import pytest
 
 from producer.export import EXPORT_COLUMNS, TEMP_MARK, export_format, export_job
 from recap.errors import RecapError
+from recap.generation import GenerationSettings
 from recap.records import InputItem, ItemResult
 from recap.store import Store
 
@@ -30,7 +31,7 @@ def _job(sqlite_url, items: int = 6, caption_chars: int = 8):
     """A job whose items are all done; captions of random hex compress badly, so that
     `caption_chars` sets the export's size."""
     store = Store(sqlite_url)
-    job = store.ensure_job("J", "tiny", "describe", {}, items)
+    job = store.ensure_job("J", "tiny", "describe", GenerationSettings.from_json({}), items)
     store.register_items(job, [[InputItem(f"k{i}", f"http://127.0.0.1/{i}.jpg") for i in range(items)]])
     store.claim_chunk(job.id, 0, "w", 60, 3)
     results = [

@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from recap.db import upgrade
+from recap.generation import GenerationSettings
 from recap.records import InputItem
 from recap.settings import Settings
 from recap.states import ClaimRefusal
@@ -29,7 +30,7 @@ def test_a_stop_does_not_wait_for_a_batch_of_slow_downloads(sqlite_url, image_se
         device="cpu", dtype="float32", batch_size=8, max_new_tokens=4, fetch_timeout_s=30, fetch_retries=0
     )
     store = Store(sqlite_url)
-    job = store.ensure_job("slow", "tiny", "describe", {}, 8)
+    job = store.ensure_job("slow", "tiny", "describe", GenerationSettings.from_json({}), 8)
     store.register_items(
         job, [[InputItem(f"k{i}", image_server.url(f"/slow?delay=20&seed={i}")) for i in range(8)]]
     )
@@ -50,7 +51,7 @@ def test_recap_run_keeps_its_lease_while_a_chunk_runs(sqlite_url, image_server, 
         device="cpu", dtype="float32", max_new_tokens=4, lease_s=1.5, fetch_timeout_s=30, fetch_retries=0
     )
     store = Store(sqlite_url)
-    job = store.ensure_job("kept", "tiny", "describe", {}, 8)
+    job = store.ensure_job("kept", "tiny", "describe", GenerationSettings.from_json({}), 8)
     store.register_items(
         job, [[InputItem(f"k{i}", image_server.url(f"/slow?delay=4&seed={i}")) for i in range(2)]]
     )
@@ -86,7 +87,7 @@ def test_the_worker_runtime_takes_its_engine_store_and_pipeline_from_its_constru
         fetch_retries=0,
     )
     store = Store(pg_url)
-    job = store.ensure_job("seams", "tiny", "describe", {}, 4)
+    job = store.ensure_job("seams", "tiny", "describe", GenerationSettings.from_json({}), 4)
     store.register_items(
         job, [[InputItem(f"k{i}", image_server.url(f"/img/48x48.jpg?seed={i}")) for i in range(8)]]
     )
@@ -164,7 +165,7 @@ class StreamingTransformers(StreamingEngine):
 
 
 def _job_of(store, name: str, image_server, n: int, chunk_size: int):
-    job = store.ensure_job(name, "tiny", "describe", {}, chunk_size)
+    job = store.ensure_job(name, "tiny", "describe", GenerationSettings.from_json({}), chunk_size)
     store.register_items(
         job, [[InputItem(f"k{i}", image_server.url(f"/img/{40 + i}x40.jpg?seed={i}")) for i in range(n)]]
     )

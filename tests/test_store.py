@@ -8,13 +8,16 @@ import os
 import pytest
 
 from recap.errors import RecapError
+from recap.generation import GenerationSettings
 from recap.records import InputItem, ItemResult
 from recap.states import ChunkState, ClaimRefusal, ItemStatus
 from recap.store import ItemCounts
 
 
 def _job(store, name="j", chunk_size=4):
-    return store.ensure_job(name, "tiny", "describe", {"max_new_tokens": 8}, chunk_size)
+    return store.ensure_job(
+        name, "tiny", "describe", GenerationSettings.from_json({"max_new_tokens": 8}), chunk_size
+    )
 
 
 def _items(n, prefix="k"):
@@ -48,7 +51,7 @@ def test_limit_takes_the_first_items(store):
 def test_a_job_owns_its_model(store):
     _job(store)
     with pytest.raises(RecapError, match="already exists with model"):
-        store.ensure_job("j", "other-model", "describe", {}, 4)
+        store.ensure_job("j", "other-model", "describe", GenerationSettings.from_json({}), 4)
 
 
 def test_done_item_is_never_overwritten_and_counters_follow_transitions(store):

@@ -14,6 +14,7 @@ import time
 import pytest
 
 import recap
+from recap.generation import GenerationSettings
 from tests.support.fleet import REPO
 
 pytestmark = pytest.mark.timeout(240)
@@ -44,7 +45,7 @@ def make_job(url: str, name: str, items: int = 2, chunk_size: int = 2):
     from recap.store import Store
 
     store = Store(url)
-    job = store.ensure_job(name, "tiny", "describe", {}, chunk_size)
+    job = store.ensure_job(name, "tiny", "describe", GenerationSettings.from_json({}), chunk_size)
     store.register_items(job, [[InputItem(f"k{i}", f"http://127.0.0.1/{i}") for i in range(items)]])
     return store, job
 

@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from PIL import Image
 
 from recap.errors import ErrorClass, RecapError
+from recap.generation import GenerationSettings
 from recap.settings import Settings
 from tests.support.fleet import REPO, Fleet, wait_until
 
@@ -145,14 +146,22 @@ def test_prepared_images_pad_to_the_engines_square(vllm_engines, hf_engines):
 
 def test_a_jobs_generation_settings_are_honoured_like_transformers(vllm_engines, hf_engines):
     imgs, ps = images(4), prompts(4)
-    penalised = {"max_new_tokens": 5, "do_sample": False, "repetition_penalty": 1.5}
+    penalised = GenerationSettings.from_json(
+        {"max_new_tokens": 5, "do_sample": False, "repetition_penalty": 1.5}
+    )
     ours = vllm_engines["llava"].caption(imgs, ps, penalised)
     assert summary(ours) == summary(hf_engines["llava"].caption(imgs, ps, penalised))
     assert [c.n_tokens for c in ours] == [5] * 4
-    plain = vllm_engines["llava"].caption(imgs, ps, {"max_new_tokens": 5, "do_sample": False})
+    plain = vllm_engines["llava"].caption(
+        imgs, ps, GenerationSettings.from_json({"max_new_tokens": 5, "do_sample": False})
+    )
     assert [c.text for c in plain] != [c.text for c in ours]  # the penalty changed something
     sampled = vllm_engines["llava"].caption(
-        imgs, ps, {"max_new_tokens": 6, "do_sample": True, "temperature": 0.7, "top_p": 0.9}
+        imgs,
+        ps,
+        GenerationSettings.from_json(
+            {"max_new_tokens": 6, "do_sample": True, "temperature": 0.7, "top_p": 0.9}
+        ),
     )
     assert all(c.failure is None and c.n_tokens == 6 and c.text for c in sampled)
 
@@ -260,7 +269,7 @@ def test_the_next_chunks_requests_join_the_running_ones(
         url = f"sqlite:///{tmp_path}/{name}.db"
         upgrade(url)
         store = Store(url)
-        job = store.ensure_job("full", "tiny", PROMPT, {}, 4)
+        job = store.ensure_job("full", "tiny", PROMPT, GenerationSettings.from_json({}), 4)
         items = [
             InputItem(f"k{i:02d}", image_server.url(f"/img/{40 + i}x36.jpg?seed={i}")) for i in range(12)
         ]
@@ -308,7 +317,7 @@ def test_the_engine_choice(settings, vllm_engines, keep_alive):
     with pytest.raises(RecapError, match="runs on cpu"):
         check_engine_choice(settings.model_copy(update={"device": "cuda"}), "tiny")
     check_engine_choice(settings, "tiny-llava-next")
-    assert "engine" not in settings.generation()  # a worker's choice, not a job's
+    assert "engine" not in settings.generation().to_json()  # a worker's choice, not a job's
     mllama = load_engine(settings.model_copy(update={"engine": "auto"}), "tiny-mllama")
     assert isinstance(mllama, TransformersEngine)
     tiny = load_engine(settings, "tiny")

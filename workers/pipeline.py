@@ -68,7 +68,7 @@ class CaptionPipeline:
 
     def _loader_for(self, job: JobInfo):
         """Images prepared as the job's recorded image mode asks (pad or crop)."""
-        mode = (job.generation or {}).get("image_mode")
+        mode = job.generation.image_mode
         if not mode:
             return self.loader
         spec = self.engine.image_spec_for(mode)

@@ -89,6 +89,8 @@ class WorkerRuntime:
             )
             return f"skipped: the job's model is {job.model}"
         pipeline = self.pipeline()
+        if pipeline.fatal is not None:  # the device broke under a finisher: claim nothing more
+            self._exit_on_fatal(pipeline, pipeline.fatal, lease=None)
         if pipeline.is_finishing(ref.job_id, ref.chunk_no):
             return "skipped: its stragglers are being finished here"
         lease = self.store.claim_chunk(ref.job_id, ref.chunk_no, self.name, s.lease_s, s.chunk_max_attempts)
@@ -101,15 +103,15 @@ class WorkerRuntime:
         outcome = self._run(pipeline, job, lease)
         if lease.lost.is_set():
             return "stopped: the lease was lost (another worker has the chunk)"
-        if self.stopping.is_set():
-            lease.release(count_attempt=False)
-            return "released: worker stopping"
-        if outcome.left_to_finisher:
+        if outcome.left_to_finisher:  # the finisher holds the chunk now, stopping or not
             metrics.CHUNKS.labels("left_to_finisher").inc()
             return (
                 f"{outcome.done} done, {outcome.failed} failed, "
-                f"{outcome.left_to_finisher} straggler(s) left to the finisher"
+                f"{outcome.left_to_finisher} item(s) left to the finisher"
             )
+        if self.stopping.is_set():
+            lease.release(count_attempt=False)
+            return "released: worker stopping"
         state = lease.finish().value
         metrics.CHUNKS.labels(state).inc()
         return f"{state}: {outcome.done} done, {outcome.failed} failed"
@@ -124,19 +126,23 @@ class WorkerRuntime:
                 should_stop=lambda: self.stopping.is_set() or lease.lost.is_set(),
             )
         except EngineFatalError as exc:
-            # The device is broken: give the chunk back and end this process; Celery starts
-            # a fresh child, which initialises CUDA anew. The attempt counts, so an item that
-            # breaks every device it meets stops after RECAP_CHUNK_MAX_ATTEMPTS.
-            log.critical("engine failure, restarting the worker process: %s", exc)
-            try:
-                self.stopping.set()  # finishers give their chunks back
-                lease.release(error=str(exc))
-                pipeline.drain(timeout=5)
-            finally:
-                os._exit(70)
+            self._exit_on_fatal(pipeline, exc, lease)
         except Exception as exc:
             lease.release(error=describe(exc))
             raise
+
+    def _exit_on_fatal(self, pipeline: CaptionPipeline, exc: Exception, lease: ClaimedChunk | None):
+        """The device is broken: give the chunk back and end this process; Celery starts a
+        fresh child, which initialises CUDA anew. The attempt counts, so an item that breaks
+        every device it meets stops after RECAP_CHUNK_MAX_ATTEMPTS."""
+        log.critical("engine failure, restarting the worker process: %s", exc)
+        try:
+            self.stopping.set()  # finishers give their chunks back
+            if lease is not None:
+                lease.release(error=str(exc))
+            pipeline.drain(timeout=5)
+        finally:
+            os._exit(70)
 
     def top_up(self) -> None:
         try:

@@ -38,7 +38,7 @@ def export_batches(
     static = {
         "model": job.model,
         "prompt": job.prompt,
-        "generation": json.dumps(job.generation, sort_keys=True),
+        "generation": json.dumps(job.generation.to_json(), sort_keys=True),
         "job": job.name,
     }
     provenance = _ProvenanceLookup(store)

@@ -20,11 +20,12 @@ from recap.store.enqueue import ChunkRef, Enqueue
 from recap.store.jobs import JobInfo, Jobs
 from recap.store.lease import ClaimedChunk
 from recap.store.registration import RegisterStats, Registration
+from recap.store.report import Reports
 from recap.store.results import Results, Retried
 from recap.store.status import ChunkCounts, ItemCounts, JobStatus, Lease, Status
 
 
-class Store(Jobs, Registration, Claims, Enqueue, Results, Status, ItemReads):
+class Store(Jobs, Registration, Claims, Enqueue, Results, Status, ItemReads, Reports):
     """One database's jobs, chunks and items: `Store(url)`, with `retry_s` seconds of
     waiting out a database outage in the methods workers call (0: fail at once)."""
 

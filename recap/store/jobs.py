@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from sqlalchemy import select, text
 
 from recap.errors import RecapError
+from recap.generation import GenerationSettings
 from recap.store.core import StoreCore, chunked, chunks_t, items_t, jobs_t, provenances_t
 from recap.transient import retrying
 
@@ -29,7 +30,7 @@ class JobInfo:
     name: str
     model: str
     prompt: str
-    generation: dict
+    generation: GenerationSettings
     chunk_size: int
 
 
@@ -40,18 +41,26 @@ def job_info(row) -> JobInfo:
         name=row["name"],
         model=row["model"],
         prompt=row["prompt"],
-        generation=row["generation"],
+        generation=GenerationSettings.from_json(row["generation"]),
         chunk_size=row["chunk_size"],
     )
 
 
 class Jobs(StoreCore):
-    def ensure_job(self, name: str, model: str, prompt: str, generation: dict, chunk_size: int) -> JobInfo:
+    def ensure_job(
+        self, name: str, model: str, prompt: str, generation: GenerationSettings, chunk_size: int
+    ) -> JobInfo:
         """Create the job, or return it when it exists with the same model and prompt."""
         with self.writer.begin() as conn:
             conn.execute(
                 self._insert(jobs_t)
-                .values(name=name, model=model, prompt=prompt, generation=generation, chunk_size=chunk_size)
+                .values(
+                    name=name,
+                    model=model,
+                    prompt=prompt,
+                    generation=generation.to_json(),
+                    chunk_size=chunk_size,
+                )
                 .on_conflict_do_nothing(index_elements=["name"])
             )
             if self.dialect == "postgresql":

@@ -26,6 +26,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Protocol
 
 from recap.errors import ErrorClass, Failure
+from recap.generation import GenerationSettings
 from recap.records import Caption, ImageSpec
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ class CaptionEngine(Protocol):
     is_tiny: bool
 
     def caption(
-        self, images: list[Image], prompts: list[str], generation: dict | None = None
+        self, images: list[Image], prompts: list[str], generation: GenerationSettings | None = None
     ) -> list[Caption]:
         """Exactly one Caption per image, in order; `generation` is the job's recorded
         generation settings (None: the worker's own).
@@ -76,7 +77,7 @@ class StreamingEngine(ABC):
 
     @abstractmethod
     def submit(
-        self, images: list[Image], prompts: list[str], generation: dict | None = None
+        self, images: list[Image], prompts: list[str], generation: GenerationSettings | None = None
     ) -> Future[list[Caption]]:
         """Queue a batch; its future gives what `caption` returns for it (one Caption per
         image, in order, a bad item failed alone), or raises EngineFatalError when the

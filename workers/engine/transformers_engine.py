@@ -11,7 +11,6 @@ torch and transformers are imported when an engine is built, not with this modul
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recap.errors import describe
+from recap.generation import GenerationSettings
 from recap.models import TINY_WARNING
 from recap.records import Caption, ImageSpec
 from workers.engine.failures import is_fatal, is_oom
@@ -111,14 +111,14 @@ class TransformersEngine:
         self._end_ids_cpu = torch.tensor(self._end_ids, dtype=torch.long)
         self._strip_specials = special_token_pattern(processor)
         self.generation_config = _generation_config(
-            model, settings, self._end_ids, self.tokenizer.pad_token_id
+            model, settings.generation(), settings.compile, self._end_ids, self.tokenizer.pad_token_id
         )
         # Compiled: prompt lengths rounded up, so a few shapes (compilations) cover them all.
         self._padding = {
             "padding": True,
             **({"pad_to_multiple_of": COMPILE_PAD_MULTIPLE} if settings.compile else {}),
         }
-        self._configs = {None: self.generation_config}
+        self._configs = {None: self.generation_config}  # None: the worker's own settings
         self.image_spec = image_spec(processor, self.family, settings.image_mode)
         self.default_batch_size = settings.batch_size or _default_batch_size(
             self.family, self.device, self.is_tiny
@@ -151,21 +151,17 @@ class TransformersEngine:
         """What images must look like for a job of that image mode."""
         return image_spec(self.processor, self.family, image_mode)
 
-    def _config_for(self, generation: dict | None):
+    def _config_for(self, generation: GenerationSettings | None):
         """The generation config of a job's recorded settings (cached per distinct value):
         a job owns its generation settings, whatever this worker's RECAP_* say."""
-        key = None if not generation else json.dumps(generation, sort_keys=True)
-        if key not in self._configs:
-            fields = ("max_new_tokens", "do_sample", "temperature", "top_p", "repetition_penalty")
-            update = {f: generation[f] for f in fields if generation.get(f) is not None}
-            settings = self.settings.model_copy(update=update)
-            self._configs[key] = _generation_config(
-                self.model, settings, self._end_ids, self.tokenizer.pad_token_id
+        if generation not in self._configs:
+            self._configs[generation] = _generation_config(
+                self.model, generation, self.settings.compile, self._end_ids, self.tokenizer.pad_token_id
             )
-        return self._configs[key]
+        return self._configs[generation]
 
     def caption(
-        self, images: list[Image], prompts: list[str], generation: dict | None = None
+        self, images: list[Image], prompts: list[str], generation: GenerationSettings | None = None
     ) -> list[Caption]:
         """One caption per image; `generation` is the job's recorded generation settings.
         Not to be called from two threads at once (the pipeline holds a lock)."""
@@ -324,25 +320,27 @@ def _load_model(source: ModelSource, dtype, device):
     return model.eval()
 
 
-def _generation_config(model, settings: Settings, end_ids: list[int], pad_id: int | None):
+def _generation_config(
+    model, generation: GenerationSettings, compile: bool, end_ids: list[int], pad_id: int | None
+):
     import copy
 
     config = copy.deepcopy(model.generation_config)
-    sampling = settings.do_sample
+    sampling = generation.do_sample
     config.update(
-        max_new_tokens=settings.max_new_tokens,
+        max_new_tokens=generation.max_new_tokens,
         do_sample=sampling,
         # Neutral values when greedy: a checkpoint's sampling defaults would only warn.
-        temperature=settings.temperature if sampling else 1.0,
-        top_p=settings.top_p if sampling else 1.0,
-        top_k=None if not sampling else config.top_k,
-        repetition_penalty=settings.repetition_penalty,
+        temperature=(generation.temperature or 1.0) if sampling else 1.0,
+        top_p=(generation.top_p or 1.0) if sampling else 1.0,
+        top_k=(generation.top_k or config.top_k) if sampling else None,
+        repetition_penalty=generation.repetition_penalty,
         eos_token_id=end_ids,
         pad_token_id=pad_id,
         num_beams=1,
     )
     config.max_length = None  # max_new_tokens rules
-    if settings.compile:
+    if compile:
         from transformers import CompileConfig
 
         # A fixed-size KV cache makes the decoding step's shapes static, so transformers

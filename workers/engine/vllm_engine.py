@@ -24,7 +24,6 @@ daemonic and may not start the engine-core process vLLM otherwise starts.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -32,6 +31,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from recap.generation import GenerationSettings
 from recap.models import TINY_WARNING
 from recap.records import Caption, ImageSpec
 from workers.engine.loading import (
@@ -168,13 +168,13 @@ class VllmEngine(StreamingEngine):
         return image_spec(self.processor, self.family, image_mode)
 
     def caption(
-        self, images: list[Image], prompts: list[str], generation: dict | None = None
+        self, images: list[Image], prompts: list[str], generation: GenerationSettings | None = None
     ) -> list[Caption]:
         """One caption per image; `generation` is the job's recorded generation settings."""
         return self.submit(images, prompts, generation).result()
 
     def submit(
-        self, images: list[Image], prompts: list[str], generation: dict | None = None
+        self, images: list[Image], prompts: list[str], generation: GenerationSettings | None = None
     ) -> Future[list[Caption]]:
         """Queue a batch behind (and beside) the ones running: its requests join them as
         the engine thread takes them (`StreamingEngine`)."""
@@ -213,28 +213,25 @@ class VllmEngine(StreamingEngine):
             infer_ms=per_item_ms,
         )
 
-    def _params_for(self, generation: dict | None):
+    def _params_for(self, generation: GenerationSettings | None):
         """vLLM sampling parameters of a job's recorded settings (cached per distinct value):
         a job owns its generation settings, whatever this worker's RECAP_* say."""
-        key = None if not generation else json.dumps(generation, sort_keys=True)
-        if key not in self._params:
-            fields = ("max_new_tokens", "do_sample", "temperature", "top_p", "repetition_penalty")
-            update = {f: generation[f] for f in fields if generation.get(f) is not None}
-            self._params[key] = self._sampling_params(self.settings.model_copy(update=update))
-        return self._params[key]
+        if generation not in self._params:
+            self._params[generation] = self._sampling_params(generation or self.settings.generation())
+        return self._params[generation]
 
-    def _sampling_params(self, s: Settings):
+    def _sampling_params(self, g: GenerationSettings):
         from vllm import SamplingParams
 
-        sampling = s.do_sample
+        sampling = g.do_sample
         return SamplingParams(
-            max_tokens=s.max_new_tokens,
-            # greedy is temperature 0 in vLLM; sampling keeps the checkpoint's top_k, as
-            # the transformers engine's generate does
-            temperature=s.temperature if sampling else 0.0,
-            top_p=s.top_p if sampling else 1.0,
-            top_k=(self._hf_generation.top_k or 0) if sampling else 0,
-            repetition_penalty=s.repetition_penalty,
+            max_tokens=g.max_new_tokens,
+            # greedy is temperature 0 in vLLM; sampling keeps RECAP_TOP_K, else the
+            # checkpoint's top_k, as the transformers engine's generate does
+            temperature=(g.temperature or 1.0) if sampling else 0.0,
+            top_p=(g.top_p or 1.0) if sampling else 1.0,
+            top_k=(g.top_k or self._hf_generation.top_k or 0) if sampling else 0,
+            repetition_penalty=g.repetition_penalty,
             stop_token_ids=self._end_ids,
             detokenize=False,  # decoded here, with the tokenizer the transformers engine uses
         )
