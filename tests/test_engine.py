@@ -421,3 +421,14 @@ def test_a_cached_tiny_model_of_an_older_build_is_rebuilt(tmp_path):
     assert ensure_tiny_model(tmp_path) == built
     assert f"build {TINY_BUILD})" in note.read_text()
     assert (built / "model.safetensors").stat().st_size > 1000
+
+
+def test_top_k_is_honoured(engines):
+    """Sampling from the single likeliest token is greedy decoding: top_k reaches generate."""
+    engine = engines["llava"]
+    imgs, ps = images(3), prompts(3)
+    greedy = engine.caption(imgs, ps, GenerationSettings(max_new_tokens=6))
+    top1 = engine.caption(imgs, ps, GenerationSettings(max_new_tokens=6, do_sample=True, top_k=1))
+    assert [c.text for c in top1] == [c.text for c in greedy]
+    wide = GenerationSettings(max_new_tokens=6, do_sample=True, temperature=5.0, top_k=None)
+    assert engine._config_for(wide).top_k != 1  # without RECAP_TOP_K: the checkpoint's own

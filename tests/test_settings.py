@@ -173,3 +173,30 @@ def test_a_bad_database_url_handed_to_the_database_layer_is_one_line():
         assert isinstance(caught.value, RecapError) and "pw" not in str(caught.value)
     with pytest.raises(RecapError, match="not a database URL"):
         require_postgres("garbage", "worker")
+
+
+def test_top_k_enters_a_jobs_settings_only_when_set():
+    greedy = Settings(max_new_tokens=128, image_mode="pad").generation().to_json()
+    assert greedy == {
+        "max_new_tokens": 128,
+        "do_sample": False,
+        "temperature": None,
+        "top_p": None,
+        "repetition_penalty": 1.0,
+        "image_mode": "pad",
+    }  # the JSON jobs were made with before RECAP_TOP_K: their names and rows stay
+    assert "top_k" not in Settings(top_k=5).generation().to_json()  # greedy ignores it
+    assert Settings(do_sample=True, top_k=5).generation().to_json()["top_k"] == 5
+
+
+def test_the_condition_preset_is_a_config_file_recap_reads(tmp_path, monkeypatch):
+    """Its lines, copied into a RECAP_CONFIG file, are settings recap knows."""
+    text = (REPO / "config" / "prompts.toml").read_text()
+    table = text.split("[condition_diverse_topk]\n", 1)[1].split("\n[", 1)[0]
+    config = tmp_path / "condition.toml"
+    config.write_text(table)
+    monkeypatch.setenv("RECAP_CONFIG", str(config))
+    settings = Settings()
+    generation = settings.generation()
+    assert (generation.do_sample, generation.top_k, generation.temperature) == (True, 50, 1.0)
+    assert "{org_caption}" in settings.prompt and generation.to_json()["top_k"] == 50
