@@ -498,3 +498,11 @@ def test_a_vllm_fleet_worker_captions_like_transformers_and_stops_gracefully(
     engines = {(r["provenance"]["engine"], r["provenance"]["engine_version"]) for r in done.values()}
     assert engines == {("vllm", vllm.__version__)}
     assert "caption engine: vllm" in vllm_fleet.logs()
+
+
+def test_top_k_is_honoured(vllm_engines):
+    """Sampling from the single likeliest token is greedy decoding: RECAP_TOP_K reaches vLLM."""
+    imgs, ps = images(3), prompts(3)
+    greedy = vllm_engines["llava"].caption(imgs, ps, GenerationSettings(max_new_tokens=6))
+    top1 = GenerationSettings(max_new_tokens=6, do_sample=True, temperature=1.0, top_k=1)
+    assert [c.text for c in vllm_engines["llava"].caption(imgs, ps, top1)] == [c.text for c in greedy]
