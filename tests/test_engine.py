@@ -11,9 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from recap.errors import ErrorClass
 from recap.generation import GenerationSettings
@@ -22,6 +20,7 @@ from recap.settings import Settings
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tests.support.images import noise_and_flat_images  # noqa: E402
 from workers.engine import TransformersEngine, load_engine  # noqa: E402  (after the skips)
 from workers.tiny_model import TINY_NOTE, build_tiny_model, ensure_tiny_model  # noqa: E402
 
@@ -63,17 +62,7 @@ def engines(model_dirs, settings) -> dict[str, TransformersEngine]:
     return {f: TransformersEngine(d, settings, is_tiny=True) for f, d in model_dirs.items()}
 
 
-def images(n: int = 6, seed: int = 0) -> list[Image.Image]:
-    """Noise of several sizes and aspect ratios, and flat colours."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        if i % 3 == 2:
-            out.append(Image.new("RGB", (40, 40), ("red", "navy", "olive", "white")[i % 4]))
-        else:
-            h, w = 32 + 16 * (i % 2), 32 + 24 * (i % 3)
-            out.append(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
-    return out
+images = noise_and_flat_images  # the same inputs as every engine's tests
 
 
 def prompts(n: int) -> list[str]:

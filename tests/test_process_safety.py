@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from recap.settings import Settings
-from tests.support.fleet import REPO, Fleet, descendants, wait_until
+from tests.support.fleet import REPO, Fleet, descendants, fleet_env, wait_until
 from tests.support.pg_cluster import free_port
 
 pytestmark = pytest.mark.timeout(240)
@@ -28,22 +28,15 @@ pytestmark = pytest.mark.timeout(240)
 
 @pytest.fixture
 def fleet(pg_url, redis_url, tiny_model_dir, tmp_path):
-    env = {
-        **os.environ,
-        "RECAP_DATABASE_URL": pg_url,
-        "RECAP_BROKER_URL": redis_url,
-        "RECAP_MODEL": str(tiny_model_dir),
-        "RECAP_CACHE_DIR": str(tmp_path / "cache"),
-        "RECAP_CHUNK_SIZE": "80",
-        "RECAP_LEASE_S": "600",
-        "RECAP_FEED_INTERVAL_S": "1",
-        "RECAP_MAX_NEW_TOKENS": "4",
-        "RECAP_BATCH_SIZE": "8",
-        "RECAP_FETCH_RETRIES": "0",
-        "RECAP_LOG_LEVEL": "INFO",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO),
-    }
+    env = fleet_env(
+        pg_url,
+        redis_url,
+        tiny_model_dir,
+        tmp_path / "cache",
+        RECAP_CHUNK_SIZE="80",
+        RECAP_LEASE_S="600",
+        RECAP_BATCH_SIZE="8",
+    )
     fleet = Fleet(env=env, log_dir=tmp_path)
     yield fleet
     fleet.stop_all()

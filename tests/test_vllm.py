@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import sqlalchemy as sa
 from PIL import Image
@@ -26,7 +25,8 @@ from PIL import Image
 from recap.errors import ErrorClass, RecapError
 from recap.generation import GenerationSettings
 from recap.settings import Settings
-from tests.support.fleet import REPO, Fleet, wait_until
+from tests.support.fleet import REPO, Fleet, fleet_env, wait_until
+from tests.support.images import noise_and_flat_images
 
 if os.environ.get("RECAP_REQUIRE_VLLM") == "1":
     import vllm  # a vLLM run without vLLM fails here, loudly
@@ -85,17 +85,7 @@ def hf_engines(model_dirs, settings):
     return {family: TransformersEngine(path, settings) for family, path in model_dirs.items()}
 
 
-def images(n: int = 6, seed: int = 0) -> list[Image.Image]:
-    """Noise of several sizes and aspect ratios, and flat colours (as tests/test_engine.py)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        if i % 3 == 2:
-            out.append(Image.new("RGB", (40, 40), ("red", "navy", "olive", "white")[i % 4]))
-        else:
-            h, w = 32 + 16 * (i % 2), 32 + 24 * (i % 3)
-            out.append(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
-    return out
+images = noise_and_flat_images  # the same inputs as every engine's tests
 
 
 def prompts(n: int) -> list[str]:
@@ -404,25 +394,19 @@ def test_recap_run_with_vllm_captions_like_transformers(
 
 @pytest.fixture
 def vllm_fleet(pg_url, redis_url, tiny_model_dir, tmp_path):
-    env = {
-        **os.environ,
-        "RECAP_DATABASE_URL": pg_url,
-        "RECAP_BROKER_URL": redis_url,
-        "RECAP_MODEL": str(tiny_model_dir),
-        "RECAP_ENGINE": "vllm",
-        "RECAP_CACHE_DIR": str(tmp_path / "cache"),
-        "RECAP_CHUNK_SIZE": "42",
-        "RECAP_MAX_QUEUED_CHUNKS": "4",
-        "RECAP_LEASE_S": "600",
-        "RECAP_FEED_INTERVAL_S": "1",
-        "RECAP_MAX_NEW_TOKENS": str(MAX_NEW),
-        "RECAP_BATCH_SIZE": "4",
-        "RECAP_FETCH_CONCURRENCY": "2",
-        "RECAP_FETCH_RETRIES": "0",
-        "RECAP_LOG_LEVEL": "INFO",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO),
-    }
+    env = fleet_env(
+        pg_url,
+        redis_url,
+        tiny_model_dir,
+        tmp_path / "cache",
+        RECAP_ENGINE="vllm",
+        RECAP_CHUNK_SIZE="42",
+        RECAP_MAX_QUEUED_CHUNKS="4",
+        RECAP_LEASE_S="600",
+        RECAP_MAX_NEW_TOKENS=str(MAX_NEW),
+        RECAP_BATCH_SIZE="4",
+        RECAP_FETCH_CONCURRENCY="2",
+    )
     fleet = Fleet(env=env, log_dir=tmp_path)
     yield fleet
     fleet.stop_all()

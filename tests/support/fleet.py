@@ -44,6 +44,25 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def fleet_env(pg_url: str, redis_url: str, model: Path | str, cache: Path, **settings: str) -> dict[str, str]:
+    """The environment of a test's workers: this test's databases and model, short leases
+    and small batches; `settings` (RECAP_* names) override or add."""
+    return {
+        **os.environ,
+        "RECAP_DATABASE_URL": pg_url,
+        "RECAP_BROKER_URL": redis_url,
+        "RECAP_MODEL": str(model),
+        "RECAP_CACHE_DIR": str(cache),
+        "RECAP_FEED_INTERVAL_S": "1",
+        "RECAP_MAX_NEW_TOKENS": "4",
+        "RECAP_FETCH_RETRIES": "0",
+        "RECAP_LOG_LEVEL": "INFO",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        **settings,
+    }
+
+
 @dataclass
 class Fleet:
     """Environment and processes of one test's fleet."""
