@@ -4,6 +4,8 @@ headless Chromium (Debian's `chromium`): it renders, every image loads, nothing 
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
@@ -14,8 +16,13 @@ from html import escape
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
+from recap.settings import get_settings
+from recap.store import Store
+from recap.store.report import SampledItem
 from tests.support.fleet import REPO
+from workers.thumbnails import Thumbnailer
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -192,8 +199,6 @@ def test_report_of_a_postgres_run_samples_the_partition(tmp_path, image_server, 
     assert len(seen["images"]) == 13 and all(w > 0 for _, w, _ in seen["images"])
     assert seen["errors"] == [] and seen["console"] == []
 
-    from recap.store import Store
-
     store = Store(pg_url)
     job = store.get_job("report-job")
     few = store.sample_items(job, 5, expected=14)
@@ -201,3 +206,30 @@ def test_report_of_a_postgres_run_samples_the_partition(tmp_path, image_server, 
     assert all(i.caption and i.provenance_id for i in few)
     points = store.throughput(job)
     assert sum(p.items for p in points) == 14 + 3
+
+
+def test_thumbnails_go_through_the_guarded_fetcher(image_server, tmp_path):
+    """A web image is fetched again and shrunk; one gone since, or on an address the guard
+    refuses, gets a placeholder reason instead."""
+
+    def item(key: str, url: str, local: bool = False) -> SampledItem:
+        return SampledItem(key, url, local, "c", None, [], None, None, None, None)
+
+    items = [
+        item("big", image_server.url("/img/900x600.jpg?seed=3")),
+        item("gone", image_server.url("/status/404")),
+        item("internal", "http://127.0.0.2:9/x.jpg"),
+        item("tiny", image_server.url("/tiny.png")),
+        item("file", (REPO / "examples" / "images" / "blue-square.png").as_uri(), local=True),
+    ]
+    seen = []
+    with Thumbnailer(get_settings()) as thumbnailer:
+        thumbs = {t.key: t for t in thumbnailer.thumbnails(items, seen.append)}
+    assert seen == [1, 2, 3, 4, 5]
+    assert thumbs["big"].data_uri.startswith("data:image/jpeg;base64,")
+
+    big = Image.open(io.BytesIO(base64.b64decode(thumbs["big"].data_uri.split(",", 1)[1])))
+    assert big.size == (256, 171)
+    assert thumbs["gone"].data_uri is None and thumbs["gone"].missing.startswith("http_4xx")
+    assert thumbs["internal"].data_uri is None and thumbs["internal"].missing.startswith("blocked_address")
+    assert thumbs["tiny"].data_uri and thumbs["file"].data_uri

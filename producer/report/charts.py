@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
 
-WIDTH = 520
+WIDTH = 350
 ROW_H = 22
-PLOT_H = 180
+PLOT_H = 120
 COLOURS = ("#3b6ea8", "#e08a2c", "#5a9e5a", "#b04a5a")
 
 
@@ -53,7 +53,7 @@ def bar_chart(title: str, bars: Sequence[Bar], empty: str = "nothing to show") -
     if not bars:
         return _svg(30, _text(4, 20, empty), title)
     top = max(b.value for b in bars) or 1.0
-    label_w, bar_w = 150, WIDTH - 150 - 90
+    label_w, bar_w = 100, WIDTH - 100 - 80
     parts = []
     for row, bar in enumerate(bars):
         y = row * ROW_H + 4
@@ -94,7 +94,7 @@ def histogram(title: str, series: Sequence[Series], bins: int = 12, unit: str = 
     parts.append(_text(left, base + 14, f"{low:g}{unit}"))
     parts.append(_text(WIDTH - 10, base + 14, f"{high:g}{unit}", "end"))
     for i, s in enumerate(series):
-        x = left + 10 + i * 150
+        x = left + 10 + i * 120
         parts.append(f'<rect x="{x}" y="6" width="10" height="10" fill="{COLOURS[i % len(COLOURS)]}"/>')
         parts.append(_text(x + 14, 15, f"{s.name} ({len(s.values)})"))
     return _svg(base + 20, "".join(parts), title)

@@ -22,9 +22,10 @@ body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;background:#fafaf
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;background:#fff}
 td,th{border:1px solid #e2e2e2;padding:6px 8px;vertical-align:top}
-th{background:#f0f0f0;text-align:left}.charts{display:flex;flex-wrap:wrap;gap:16px}
+th{background:#f0f0f0;text-align:left}.charts{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
 .chart{background:#fff;border:1px solid #e2e2e2;padding:8px}.chart h3{font-size:13px;margin:0 0 6px}
-.sample td.img{width:260px;text-align:center}.sample img{max-width:256px;max-height:256px}
+.sample td.img{width:260px;text-align:center}.sample td.cap{width:36%}
+.sample img{max-width:256px;max-height:256px}
 .missing{width:256px;height:120px;display:flex;align-items:center;justify-content:center;
 background:repeating-linear-gradient(45deg,#eee,#eee 8px,#f7f7f7 8px,#f7f7f7 16px);
 color:#777;font-size:12px;padding:4px}
@@ -64,8 +65,10 @@ def render(page: ReportPage) -> str:
             f"<h1>{escape(title)}</h1>",
             f'<p class="muted">made {page.generated_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC from '
             f"{len(page.sample)} random done items; counts and errors from every chunk</p>",
+            '<div class="charts">',
             _summary(page),
             _charts(page),
+            "</div>",
             _sample(page.sample),
             _failures(page),
             _setup(page),
@@ -87,18 +90,17 @@ def _table(rows: Sequence[tuple[str, str]]) -> str:
 def _summary(page: ReportPage) -> str:
     items, status = page.status.items, page.status
     rate = "–" if status.rate_per_s is None else f"{status.rate_per_s * 60:,.1f} items/min"
-    return "<h2>Job</h2>" + _table(
-        [
-            ("job", escape(page.job.name)),
-            ("model", escape(page.job.model)),
-            (
-                "items",
-                f"{items.total:,} ({items.done:,} done, {items.failed:,} failed, {items.pending:,} pending)",
-            ),
-            ("chunks", escape(", ".join(f"{n:,} {state}" for state, n in _fields(status.chunks) if n))),
-            ("throughput", rate),
-        ]
-    )
+    counts = f"{items.done:,} done, {items.failed:,} failed, {items.pending:,} pending"
+    chunks = ", ".join(f"{n:,} {state}" for state, n in _fields(status.chunks) if n)
+    rows = [
+        ("job", escape(page.job.name)),
+        ("model", escape(page.job.model)),
+        ("items", f"{items.total:,} ({counts})"),
+        ("chunks", escape(chunks)),
+        ("throughput", rate),
+        ("set-up", '<a href="#setup">prompt, generation, provenance</a>'),
+    ]
+    return f'<div class="chart"><h3>Job</h3>{_table(rows)}</div>'
 
 
 def _fields(counts) -> list[tuple[str, int]]:
@@ -137,11 +139,7 @@ def _charts(page: ReportPage) -> str:
     scores = [Series(name, [i.scores[name] for i in items if name in i.scores]) for name in SCORE_COLUMNS]
     if any(s.values for s in scores):
         charts.append(("Scores (sample)", histogram("scores", [s for s in scores if s.values])))
-    return (
-        "<h2>Charts</h2><div class=charts>"
-        + "".join(f'<div class="chart"><h3>{escape(name)}</h3>{svg}</div>' for name, svg in charts)
-        + "</div>"
-    )
+    return "".join(f'<div class="chart"><h3>{escape(name)}</h3>{svg}</div>' for name, svg in charts)
 
 
 def _flag_bars(items: Sequence[SampledItem]) -> list[Bar]:
@@ -176,8 +174,8 @@ def _sample_row(row: SampleRow) -> str:
     )
     scores = "".join(f'<div class="score">{escape(k)} {v:.4f}</div>' for k, v in item.scores.items())
     return (
-        f'<tr><td class="img">{image}{where}</td><td>{_caption(item.org_caption)}</td>'
-        f"<td>{_caption(item.caption)}</td><td>{flags}{scores}</td></tr>"
+        f'<tr><td class="img">{image}{where}</td><td class="cap">{_caption(item.org_caption)}</td>'
+        f'<td class="cap">{_caption(item.caption)}</td><td>{flags}{scores}</td></tr>'
     )
 
 
@@ -210,7 +208,7 @@ def _setup(page: ReportPage) -> str:
         for pid, data in sorted(page.provenances.items())
     )
     return (
-        "<h2>Model, prompt and generation</h2>"
+        '<h2 id="setup">Model, prompt and generation</h2>'
         + _table([("model", escape(page.job.model)), ("prompt", f"<pre>{escape(page.job.prompt)}</pre>")])
         + f"<h3>generation</h3><pre>{escape(_json(page.job.generation.to_json()))}</pre>"
         + (provenance or '<p class="muted">no provenance in the sample</p>')
