@@ -204,6 +204,8 @@ def test_report_of_a_postgres_run_samples_the_partition(tmp_path, image_server, 
     few = store.sample_items(job, 5, expected=14)
     assert len(few) == 5 and len({i.key for i in few}) == 5
     assert all(i.caption and i.provenance_id for i in few)
+    # Told the job is large, it starts from a 2% page sample and widens it until it has enough.
+    assert len(store.sample_items(job, 2, expected=1000)) == 2
     points = store.throughput(job)
     assert sum(p.items for p in points) == 14 + 3
 
