@@ -1,7 +1,9 @@
 """Quality flags for a generated caption (pure Python: workers flag captions, the export counts words).
 
-Flags (docs/ARCHITECTURE.md, "Contracts"): `truncated`, `repetition`, `refusal`, `too_short`. They mark, never
-drop: `recap export --exclude-flags` decides.
+Flags (docs/ARCHITECTURE.md, "Contracts"): `truncated`, `repetition`, `refusal`, `too_short`, and
+`score_truncated` (a CLIP score computed on a caption cut to the text encoder's context: the new
+caption or the original one; set by the scorer, workers/scoring.py). They mark, never drop:
+`recap export --exclude-flags` decides.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ TRUNCATED = "truncated"
 REPETITION = "repetition"
 REFUSAL = "refusal"
 TOO_SHORT = "too_short"
-FLAGS = (TRUNCATED, REPETITION, REFUSAL, TOO_SHORT)
+SCORE_TRUNCATED = "score_truncated"
+FLAGS = (TRUNCATED, REPETITION, REFUSAL, TOO_SHORT, SCORE_TRUNCATED)
 
 MAX_LOOP_N = 8  # longest n-gram (in words) a loop is looked for with
 LOOP_REPEATS = 3  # consecutive copies that make a loop

@@ -35,6 +35,9 @@ class ImageSpec:
 
     size: int | None  # square side in pixels; None keeps the image as decoded (bounded)
     mode: ImageMode = "pad"
+    # CLIP scoring on (RECAP_SCORE_MODEL): also keep a thumbnail whose shorter side is at most
+    # this (the scorer's input side), for CLIP's own processor; None: no thumbnail.
+    clip_side: int | None = None
 
 
 @dataclass(slots=True)
@@ -47,6 +50,7 @@ class Prepared:
     width: int  # of the original image
     height: int
     fetch_ms: float = 0.0
+    clip_image: object | None = None  # the CLIP scorer's thumbnail (ImageSpec.clip_side), or None
 
 
 @dataclass(slots=True)
@@ -86,6 +90,9 @@ class ItemResult:
     fetch_ms: float | None = None
     infer_ms: float | None = None
     worker: str | None = None
+    # CLIP scores of the new caption and of the original one (None: not scored).
+    re_clip_score: float | None = None
+    org_clip_score: float | None = None
 
     def __post_init__(self) -> None:
         self.status = ItemStatus(self.status)

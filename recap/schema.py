@@ -97,6 +97,9 @@ class Item(Base):
     provenance_id: Mapped[int | None] = mapped_column(BigInteger)  # provenances.id (done items)
     fetch_ms: Mapped[float | None] = mapped_column(Float)
     infer_ms: Mapped[float | None] = mapped_column(Float)
+    # CLIP scores (RECAP_SCORE_MODEL) of the new and the original caption (migration 0004).
+    re_clip_score: Mapped[float | None] = mapped_column(Float)
+    org_clip_score: Mapped[float | None] = mapped_column(Float)
     worker: Mapped[str | None] = mapped_column(String(200))
     updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

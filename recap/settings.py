@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     engine: Literal["auto", "transformers", "vllm"] = "auto"
     vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # share of the GPU vLLM takes
     vllm_max_num_seqs: int = Field(256, ge=1, le=65_536)  # sequences vLLM keeps in flight
+    # CLIP scoring after captioning (a worker's choice, like the engine; provenance names it):
+    # a CLIP-family hub id, a folder, or "tiny-clip"; None or empty: off (null score columns).
+    score_model: str | None = None
     # torch's CPU threads per engine process; None: this host's cores shared among the
     # engine processes running on it (workers/threads.py).
     torch_threads: int | None = Field(None, ge=1, le=1024)
@@ -220,12 +223,17 @@ class Settings(BaseSettings):
             raise ValueError(f"use one of {', '.join(_LOG_LEVELS)}")
         return value.upper()
 
-    @field_validator("user_agent", "model", mode="after")
+    @field_validator("user_agent", "model", "score_model", mode="after")
     @classmethod
-    def _no_control_characters(cls, value: str) -> str:
-        if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+    def _no_control_characters(cls, value: str | None) -> str | None:
+        if value and any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
             raise ValueError("contains a control character (a newline?)")
         return value
+
+    @field_validator("score_model", mode="after")
+    @classmethod
+    def _empty_is_off(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
 
     @classmethod
     def settings_customise_sources(

@@ -171,8 +171,7 @@ class Flight:
         self._write(self._results(sent.ready, sent.future.result()) + sent.rejected)
 
     def _results(self, ready: list[Prepared], captions: list[Caption]) -> list[ItemResult]:
-        caption_result = self.pipeline.results.caption_result
-        return [caption_result(p, c) for p, c in zip(ready, captions, strict=True)]
+        return self.pipeline.results.caption_results(ready, captions)
 
     def _write(self, results: list[ItemResult]) -> None:
         self.pipeline.results.write(self.job.id, self.chunk_no, results, self.outcome, self.on_written)

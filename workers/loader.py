@@ -123,6 +123,7 @@ class ImageLoader:
             prepared.width,
             prepared.height,
             fetch_ms=fetch_ms,
+            clip_image=prepared.clip_image,
         )
 
     def _read(self, item: InputItem, cancel: threading.Event) -> Fetched | Failed:

@@ -14,8 +14,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
-from recap.records import Caption, ItemResult, Prepared
+from recap.records import Caption, ImageSpec, ItemResult, Prepared
 from recap.settings import Settings
 from recap.store import ClaimedChunk, JobInfo, Store
 from workers import metrics
@@ -41,15 +42,19 @@ class CaptionPipeline:
         stopping: threading.Event | None = None,
     ):
         from workers.loader import ImageLoader
+        from workers.scoring import load_scorer
 
         self.settings = settings
         self.engine = engine
         self.store = store
         self.worker = worker
-        self.loader = loader or ImageLoader(settings, engine.image_spec)
-        self._loaders = {engine.image_spec: self.loader}  # one per image preparation
+        # CLIP scores (RECAP_SCORE_MODEL) on the captioner's device; None: off.
+        self.scorer = load_scorer(settings, getattr(engine, "device", "cpu"))
+        spec = self._with_clip_view(engine.image_spec)
+        self.loader = loader or ImageLoader(settings, spec)
+        self._loaders = {spec: self.loader}  # one per image preparation
         self.batch_size = engine.default_batch_size  # RECAP_BATCH_SIZE, else the model's
-        self.results = ResultWriter(store, engine, worker)
+        self.results = ResultWriter(store, engine, worker, self.scorer)
         self.busy = metrics.BusyMeter()
         # A streaming engine is fed without waiting, within its slots; a synchronous one is
         # called under a lock (the finishers share it).
@@ -71,7 +76,7 @@ class CaptionPipeline:
         mode = job.generation.image_mode
         if not mode:
             return self.loader
-        spec = self.engine.image_spec_for(mode)
+        spec = self._with_clip_view(self.engine.image_spec_for(mode))
         if spec not in self._loaders:
             from workers.loader import ImageLoader
 
@@ -79,6 +84,10 @@ class CaptionPipeline:
                 self.settings, spec, fetcher=getattr(self.loader, "_fetcher", None)
             )
         return self._loaders[spec]
+
+    def _with_clip_view(self, spec: ImageSpec) -> ImageSpec:
+        """The engine's image spec, asking for CLIP's thumbnail too where scoring is on."""
+        return spec if self.scorer is None else replace(spec, clip_side=self.scorer.side)
 
     def drain(self, timeout: float | None = None) -> None:
         """Wait for the finishers of earlier chunks (their stragglers and engine tails)."""

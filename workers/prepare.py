@@ -4,6 +4,10 @@ Checks run in the precedence of docs/ARCHITECTURE.md ("Error classes"): hash, is
 image, declared dimensions (read from the header, before any pixel is decoded), then
 decoding. The image is decoded as small as the target allows (JPEG DCT scaling via `draft`,
 `reduce` for the rest) and resized once, so a 1600 px JPEG costs a few milliseconds, not tens.
+With CLIP scoring on (`ImageSpec.clip_side`), a second, small image is kept for CLIP's own
+processor: the decoded image with its shorter side brought down to CLIP's input side, resized
+as that processor resizes (so its own resize is then a no-op and the scores are those of the
+full decode), never the full-size decode itself.
 """
 
 from __future__ import annotations
@@ -96,6 +100,7 @@ class PreparedImage:
     sha256: str  # of the original bytes
     width: int  # of the original image, as displayed (EXIF orientation applied)
     height: int
+    clip_image: Image.Image | None = None  # CLIP's thumbnail (spec.clip_side), or None
 
 
 def prepare_image(
@@ -126,10 +131,10 @@ def prepare_hashed(
     orientation = _orientation(im)
     width, height = im.size if orientation < 5 else im.size[::-1]
     try:
-        image = _decode(im, spec, orientation)
+        image, clip_image = _decode(im, spec, orientation)
     except Exception as exc:
         return Failed(Failure.of(ErrorClass.DECODE_ERROR, f"cannot decode the {im.format} image: {exc}"))
-    return PreparedImage(image, sha256, width, height)
+    return PreparedImage(image, sha256, width, height, clip_image)
 
 
 def _check_dimensions(width: int, height: int, limits: ImageLimits) -> Failure | None:
@@ -200,16 +205,36 @@ def _orientation(im: Image.Image) -> int:
 # ---------------------------------------------------------------------------- decode
 
 
-def _decode(im: Image.Image, spec: ImageSpec, orientation: int) -> Image.Image:
+def _decode(im: Image.Image, spec: ImageSpec, orientation: int) -> tuple[Image.Image, Image.Image | None]:
+    """The model's image, and CLIP's thumbnail where the spec asks for one."""
     want = _decode_size(im.size, spec)
     if want is not None and im.format in _DRAFTABLE:
         im.draft(im.mode, want)  # libjpeg scales by 1/2, 1/4 or 1/8 while decoding
     im.load()
+    # From the decoded pixels, not the box-reduced ones: CLIP's processor on this image
+    # makes the same input as on the full decode (JPEG's DCT scaling aside).
+    clip = None if spec.clip_side is None else clip_thumbnail(_upright_rgb(im, orientation), spec.clip_side)
     if want is not None:
         im = _reduce(im, want)
+    return _fit(_upright_rgb(im, orientation), spec), clip
+
+
+def _upright_rgb(im: Image.Image, orientation: int) -> Image.Image:
     if orientation != 1:
         im = im.transpose(_TRANSPOSE[orientation])
-    return _fit(_to_rgb(im), spec)
+    return _to_rgb(im)
+
+
+def clip_thumbnail(im: Image.Image, side: int) -> Image.Image:
+    """`im` with its shorter side brought down to `side`, as CLIP's processor resizes
+    (transformers' shortest-edge rule, bicubic, no reducing gap); a smaller image as it is."""
+    width, height = im.size
+    short, long = sorted((width, height))
+    if short <= side:
+        return im
+    long = int(side * long / short)
+    size = (side, long) if width <= height else (long, side)
+    return im.resize(size, Image.Resampling.BICUBIC)
 
 
 def _scale(spec: ImageSpec, width: int, height: int) -> float:
@@ -222,8 +247,11 @@ def _scale(spec: ImageSpec, width: int, height: int) -> float:
 
 
 def _decode_size(size: tuple[int, int], spec: ImageSpec) -> tuple[int, int] | None:
-    """The smallest size worth decoding to (>= what the final resize needs), or None."""
+    """The smallest size worth decoding to (>= what the final resize needs, and with CLIP's
+    thumbnail wanted, >= its shorter side), or None."""
     scale = _scale(spec, *size)
+    if spec.clip_side is not None:
+        scale = max(scale, spec.clip_side / min(size))
     if scale >= 1:
         return None
     return (math.ceil(size[0] * scale), math.ceil(size[1] * scale))

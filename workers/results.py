@@ -1,16 +1,21 @@
-"""Items' results as the store records them: captions and rejections become `ItemResult`s,
-written a batch at a time with the engine's revision and provenance."""
+"""Items' results as the store records them: captions and rejections become `ItemResult`s
+(with CLIP scores where a scorer is on), written a batch at a time with the engine's
+revision and provenance."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from recap.quality import quality_flags
+from recap.quality import SCORE_TRUNCATED, quality_flags
 from recap.records import Caption, ItemResult, Prepared, Rejected
 from recap.states import ItemStatus
 from recap.store import Store
 from workers import metrics
+from workers.scoring import ClipScorer, ScoreRequest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -28,11 +33,38 @@ OnWritten = Callable[[list[ItemResult]], None]
 
 
 class ResultWriter:
-    def __init__(self, store: Store, engine, worker: str):
+    def __init__(self, store: Store, engine, worker: str, scorer: ClipScorer | None = None):
         self.store = store
         self.engine = engine
         self.worker = worker
+        self.scorer = scorer
         self._provenance: int | None = None
+
+    def caption_results(self, ready: list[Prepared], captions: list[Caption]) -> list[ItemResult]:
+        """A batch's results, its done items scored where a scorer is on."""
+        results = [self.caption_result(p, c) for p, c in zip(ready, captions, strict=True)]
+        if self.scorer is not None:
+            self._score(ready, results)
+        return results
+
+    def _score(self, ready: list[Prepared], results: list[ItemResult]) -> None:
+        """CLIP scores on the done items; a failed scoring leaves their scores null (the
+        captions are written all the same: a broken device stops the next batch)."""
+        done = [
+            (p, r)
+            for p, r in zip(ready, results, strict=True)
+            if r.status == ItemStatus.DONE and p.clip_image is not None
+        ]
+        requests = [ScoreRequest(p.clip_image, r.caption, p.item.org_caption) for p, r in done]
+        try:
+            scores = self.scorer.score(requests)
+        except Exception:
+            log.exception("CLIP scoring failed for %d item(s); their scores stay null", len(requests))
+            return
+        for (_, result), score in zip(done, scores, strict=True):
+            result.re_clip_score, result.org_clip_score = score.re_clip_score, score.org_clip_score
+            if score.truncated:
+                result.flags.append(SCORE_TRUNCATED)
 
     def caption_result(self, prepared: Prepared, caption: Caption) -> ItemResult:
         common = dict(
@@ -89,7 +121,9 @@ class ResultWriter:
             on_written(results)
 
     def _provenance_id(self) -> int:
-        """The engine's provenance row, looked up once (the engine is fixed)."""
+        """The engine's provenance row (with the scorer's model and revision), looked up once
+        (both are fixed)."""
         if self._provenance is None:
-            self._provenance = self.store.provenance_id(self.engine.provenance)
+            scorer = self.scorer.provenance if self.scorer is not None else {}
+            self._provenance = self.store.provenance_id({**self.engine.provenance, **scorer})
         return self._provenance

@@ -1,4 +1,5 @@
-"""Tiny random-weight vision-language models, built in code, for tests and offline smoke runs.
+"""Tiny random-weight vision-language models (and a tiny CLIP scorer), built in code, for
+tests and offline smoke runs.
 
 Real transformers classes (LLaVA, LLaVA-NeXT, Mllama), a real byte-level BPE tokenizer
 trained in code with the Llama-3 special tokens and chat template, a real processor, saved
@@ -13,6 +14,10 @@ The weights are shaped so that tests are steady:
   apart, batched and single runs pick the same tokens);
 - Mllama's cross-attention gates are opened (a fresh Mllama's are zero, so its captions
   would ignore the image); different images then give different captions.
+
+The tiny CLIP ("clip", `RECAP_SCORE_MODEL=tiny-clip`) is a real `CLIPModel` with a byte-level
+BPE tokenizer (CLIP's start and end tokens, 77-token context) and CLIP's image processor at
+32 px; its scores are meaningless too.
 
 LLaVA and LLaVA-NeXT load in vLLM unchanged too: their weights are saved in the key layout
 of hub checkpoints (`vision_tower.vision_model.*`), and the text model's head_dim is 32
@@ -250,12 +255,78 @@ def _shape_weights(model, family: TinyFamily, losers: list[int]) -> None:
                     layer.cross_attn_mlp_gate.fill_(GATE)
 
 
+CLIP_START, CLIP_END = "<|startoftext|>", "<|endoftext|>"
+CLIP_CONTEXT = 77  # CLIP's text context, as the real ones
+
+
+def _clip_tokenizer():
+    """A byte-level BPE tokenizer framing every text as CLIP's does (start ... end)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    tok.add_special_tokens([CLIP_START, CLIP_END])
+    start, end = tok.token_to_id(CLIP_START), tok.token_to_id(CLIP_END)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{CLIP_START} $A {CLIP_END}", special_tokens=[(CLIP_START, start), (CLIP_END, end)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=CLIP_START,
+        eos_token=CLIP_END,
+        pad_token=CLIP_END,  # as CLIP's: pooling takes the first end token
+        model_max_length=CLIP_CONTEXT,
+    )
+
+
+def _clip():
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTextConfig,
+        CLIPVisionConfig,
+    )
+
+    tokenizer = _clip_tokenizer()
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=CLIP_CONTEXT,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,  # pooled at the first end token (not the legacy 2)
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=32,
+        **_VISION,
+    )
+    vision = CLIPVisionConfig(image_size=TINY_IMAGE, patch_size=TINY_PATCH, projection_dim=32, **_VISION)
+    model = CLIPModel(
+        CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32)
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": TINY_IMAGE}, crop_size={"height": TINY_IMAGE, "width": TINY_IMAGE}
+    )
+    return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
 def make_tiny_model(family: TinyFamily = "llava", seed: int = 0):
     """A tiny random model of `family` and its processor, in memory (see build_tiny_model)."""
     import torch
 
     if family not in TINY_FAMILIES:
         raise ValueError(f"unknown tiny model family {family!r}; one of {', '.join(TINY_FAMILIES)}")
+    if family == "clip":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model, processor = _clip()
+        setattr(model.config, TINY_MARKER, True)
+        return model.eval(), processor
     with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
         torch.manual_seed(seed)
         tokenizer = train_tokenizer(IMAGE_TOKEN[family])
@@ -284,7 +355,7 @@ def build_tiny_model(out_dir: Path, family: TinyFamily = "llava", seed: int = 0)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, processor = make_tiny_model(family, seed)
     model.save_pretrained(out_dir)
-    if family != "mllama":
+    if family in ("llava", "llava-next"):
         _to_hub_layout(out_dir / "model.safetensors")
     processor.save_pretrained(out_dir)
     _write_note(out_dir, family, seed)  # last: its presence means the folder is complete

@@ -80,6 +80,8 @@ def _record_batch(columns: ItemColumns, provenance: list, static: dict[str, str]
         "sha256": columns.sha256,
         "re_length": _word_counts(columns.caption),
         "org_length": _word_counts(columns.org_caption),
+        "re_clip_score": columns.re_clip_score,
+        "org_clip_score": columns.org_clip_score,
         "status": columns.status,
         "error_class": columns.error_class,
         "error": columns.error,

@@ -14,6 +14,9 @@ EXPORT_SCHEMA = pa.schema(
         ("sha256", pa.string()),
         ("re_length", pa.int32()),
         ("org_length", pa.int32()),
+        # CLIP scores (RECAP_SCORE_MODEL), as the dataset's: null where not scored.
+        ("re_clip_score", pa.float64()),
+        ("org_clip_score", pa.float64()),
         ("status", pa.string()),
         ("error_class", pa.string()),
         ("error", pa.string()),

@@ -32,6 +32,8 @@ class ItemColumns:
     model_revision: list[str | None]
     provenance_id: list[int | None]
     flags: list[list[str] | None]
+    re_clip_score: list[float | None]
+    org_clip_score: list[float | None]
     updated_at: list[datetime | None]  # timezone-aware UTC
 
     def __len__(self) -> int:

@@ -28,6 +28,8 @@ _RESULT_FIELDS = (
     "fetch_ms",
     "infer_ms",
     "worker",
+    "re_clip_score",
+    "org_clip_score",
 )
 
 
