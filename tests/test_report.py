@@ -94,7 +94,7 @@ def make_inputs(tmp_path: Path, image_server) -> tuple[Path, Path]:
     return folder, urls
 
 
-def env_for(tmp_path: Path, tiny_model_dir, database_url: str) -> dict:
+def env_for(tmp_path: Path, tiny_model_dir, database_url: str, **extra: str) -> dict:
     return {
         **os.environ,
         "RECAP_DATABASE_URL": database_url,
@@ -104,12 +104,15 @@ def env_for(tmp_path: Path, tiny_model_dir, database_url: str) -> dict:
         "RECAP_MAX_NEW_TOKENS": "6",
         "RECAP_FETCH_RETRIES": "0",
         "PYTHONPATH": str(REPO),
+        **extra,
     }
 
 
-def run_and_report(tmp_path, image_server, tiny_model_dir, database_url, sample: int) -> tuple[str, Path]:
+def run_and_report(
+    tmp_path, image_server, tiny_model_dir, database_url, sample: int, **extra: str
+) -> tuple[str, Path]:
     folder, urls = make_inputs(tmp_path, image_server)
-    env = env_for(tmp_path, tiny_model_dir, database_url)
+    env = env_for(tmp_path, tiny_model_dir, database_url, **extra)
     run_recap(
         ["run", str(folder), str(urls), "--job", "report-job", "--out", str(tmp_path / "out.jsonl")], env
     )
@@ -190,6 +193,18 @@ def test_report_of_a_sqlite_run_renders_in_chromium_with_its_images(tmp_path, im
     shot = tmp_path / "report.png"
     screenshot(path, shot, tmp_path)
     assert shot.stat().st_size > 10_000
+
+
+def test_report_shows_clip_scores_when_the_job_has_them(tmp_path, image_server, tiny_model_dir):
+    database = f"sqlite:///{tmp_path}/recap.db"
+    html, path = run_and_report(
+        tmp_path, image_server, tiny_model_dir, database, 100, RECAP_SCORE_MODEL="tiny-clip"
+    )
+    assert html.count('<div class="score">re_clip_score ') == 14  # every done item
+    assert html.count('<div class="score">org_clip_score ') == 9  # those with an original caption
+    assert "Scores (sample)" in html and html.count("<svg") == 5
+    seen = browse(path, tmp_path)
+    assert seen["svgs"] == 5 and seen["errors"] == [] and seen["console"] == []
 
 
 def test_report_of_a_postgres_run_samples_the_partition(tmp_path, image_server, tiny_model_dir, pg_url):

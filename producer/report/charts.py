@@ -91,8 +91,8 @@ def histogram(title: str, series: Sequence[Series], bins: int = 12, unit: str = 
                 f'<rect x="{x:.1f}" y="{base - h:.1f}" width="{width:.1f}" height="{h:.1f}" '
                 f'fill="{COLOURS[i % len(COLOURS)]}"><title>{escape(series[i].name)}: {n}</title></rect>'
             )
-    parts.append(_text(left, base + 14, f"{low:g}{unit}"))
-    parts.append(_text(WIDTH - 10, base + 14, f"{high:g}{unit}", "end"))
+    parts.append(_text(left, base + 14, f"{low:.3g}{unit}"))
+    parts.append(_text(WIDTH - 10, base + 14, f"{high:.3g}{unit}", "end"))
     for i, s in enumerate(series):
         x = left + 10 + i * 120
         parts.append(f'<rect x="{x}" y="6" width="10" height="10" fill="{COLOURS[i % len(COLOURS)]}"/>')
