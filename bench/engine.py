@@ -7,6 +7,7 @@ naive one-at-a-time loop, then the vLLM engine, in one run.
     python bench/engine.py --compile            # the same with RECAP_COMPILE (static KV
                                                 # cache + torch.compile of the decoding step)
     python bench/engine.py --engines vllm       # one engine only
+    python bench/engine.py --tiny --score       # and what CLIP scoring costs beside captioning
 
 The model has the shapes of xtuner/llava-llama-3-8b-v1_1-transformers (Llama-3-8B text,
 CLIP ViT-L/14-336 vision, 576 image tokens) with random weights built directly on the GPU
@@ -29,6 +30,13 @@ memory vLLM holds (its KV cache takes --gpu-memory-utilization of the card by de
 its best images/s over the transformers engine's best. The transformers model is freed
 first, so vLLM has the card to itself. Where vLLM cannot be imported its part is recorded as
 unmeasured, with the reason, and the transformers figures still come out.
+
+With --score it also measures the CLIP scoring step (RECAP_SCORE_MODEL, workers/scoring.py)
+through `ClipScorer.score`, the production path (CLIP's processor on a thumbnail of CLIP's
+input side, both captions of each image embedded, cosine similarities): images/s of scoring
+alone and its time per image as a share of a caption's (the transformers engine's best
+batch). On the GPU the scorer has CLIP ViT-L/14's shapes (DataComp's scorer) with random
+float32 weights; with --tiny it is the tiny CLIP.
 
 The bench reads no recap settings (so it runs where pydantic-settings is not installed).
 """
@@ -92,6 +100,19 @@ class BenchSettings:
     vllm_gpu_memory_utilization: float = 0.85
     vllm_max_num_seqs: int = 256
 
+    def generation(self):
+        """The generation settings a job would record (as `Settings.generation`)."""
+        from recap.generation import GenerationSettings
+
+        return GenerationSettings(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            temperature=self.temperature if self.do_sample else None,
+            top_p=self.top_p if self.do_sample else None,
+            repetition_penalty=self.repetition_penalty,
+            image_mode=self.image_mode,
+        )
+
 
 @dataclass
 class Row:
@@ -140,6 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-num-seqs", type=int, default=256, help="vLLM: sequences in flight")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM: share of the GPU")
+    p.add_argument("--score", action="store_true", help="also measure CLIP scoring (RECAP_SCORE_MODEL)")
     args = p.parse_args(argv)
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     args.batch_sizes = [
@@ -417,6 +439,7 @@ class Results:
     rows: list[Row] = field(default_factory=list)
     naive: dict | None = None
     vllm: dict | None = None  # {"header", "rows"} or {"unmeasured": why}
+    score: dict | None = None  # CLIP scoring (--score)
 
     def save(self) -> None:
         if self.path:
@@ -425,6 +448,7 @@ class Results:
                 "rows": [asdict(r) for r in self.rows],
                 "naive": self.naive,
                 "vllm": self.vllm,
+                "score": self.score,
             }
             self.path.write_text(json.dumps(payload, indent=2))
 
@@ -465,6 +489,69 @@ def device_name(device) -> str:
     import torch
 
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
+# -- CLIP scoring -----------------------------------------------------------------------
+
+# openai/clip-vit-large-patch14, the CLIP DataComp scores alt text with
+CLIP_TEXT_SHAPES = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12}
+CLIP_VISION_SHAPES = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24}
+CAPTION = " ".join(PROMPT.split() * 6)  # longer than CLIP's context, as most new captions
+
+
+def build_scorer(args, device):
+    """The tiny CLIP, or one of CLIP ViT-L/14's shapes with random weights made on `device`."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from workers.scoring import ClipScorer
+    from workers.tiny_model import make_tiny_model
+
+    tiny, processor = make_tiny_model("clip")
+    if args.tiny:
+        model = tiny
+    else:
+        config = CLIPConfig(
+            text_config={**CLIP_TEXT_SHAPES, "num_attention_heads": 12, "eos_token_id": 2},
+            vision_config={**CLIP_VISION_SHAPES, "num_attention_heads": 16, "patch_size": 14},
+            projection_dim=768,
+        )
+        with torch.device(device):
+            model = CLIPModel(config)
+        processor.image_processor.size = {"shortest_edge": 224}
+        processor.image_processor.crop_size = {"height": 224, "width": 224}
+    provenance = {"score_model": "tiny-clip" if args.tiny else "random-clip-vit-l-14-shapes"}
+    return ClipScorer(model.to(device).float(), processor.image_processor, processor.tokenizer, provenance)
+
+
+def run_scoring(args, device, results: Results) -> None:
+    from workers.scoring import ScoreRequest
+
+    scorer = build_scorer(args, device)
+    side = scorer.side
+    batch = max(args.batch_sizes)
+    thumbs = synthetic_images(batch, side, seed=1)  # what the prepare stage keeps for CLIP
+    requests = [ScoreRequest(image.resize((side * 4 // 3, side)), CAPTION, PROMPT) for image in thumbs]
+    timed(lambda: scorer.score(requests), device)  # warm-up
+    _, wall = timed(lambda: [scorer.score(requests) for _ in range(args.batches)], device)
+    per_image = wall / (batch * args.batches)
+    params = sum(p.numel() for p in scorer.model.parameters())
+    caption_ips = max((r.images_per_s for r in results.rows), default=None)
+    share = per_image * caption_ips if caption_ips else None
+    results.score = {
+        "model": scorer.provenance["score_model"],
+        "parameters_m": params / 1e6,
+        "batch": batch,
+        "images_per_s": 1 / per_image,
+        "ms_per_image": per_image * 1000,
+        "share_of_caption": share,
+    }
+    results.save()
+    print(
+        f"CLIP scoring ({results.score['model']}, {params / 1e6:,.1f} M parameters, float32, batch {batch}, "
+        f"two captions per image): {1 / per_image:.1f} img/s, {per_image * 1000:.2f} ms per image"
+        + (f" = {share:.1%} of a caption's time at the best batch" if share is not None else "")
+    )
 
 
 # -- the vLLM engine ----------------------------------------------------------------------
@@ -629,6 +716,9 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()  # the model goes before vLLM sizes its KV cache by the free memory
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if args.score:
+        print()
+        run_scoring(args, device, results)
     if "vllm" in args.engines:
         print()
         run_vllm(args, device, results)

@@ -128,7 +128,7 @@ def test_a_large_image_is_scored_from_its_thumbnail_as_from_the_full_decode(tiny
     from workers.tiny_model import ensure_tiny_model
 
     clip_dir = ensure_tiny_model(tiny_clip_cache, "clip")
-    scorer = ClipScorer(clip_dir, "tiny-clip")
+    scorer = ClipScorer.load(clip_dir, "tiny-clip")
     data = render_image(300, 200, "png", 7)
     prepared = prepare_image(data, ImageSpec(32, "pad", clip_side=scorer.side), ImageLimits())
     assert max(prepared.clip_image.size) < 300 and min(prepared.clip_image.size) == scorer.side

@@ -45,28 +45,36 @@ class ClipScorer:
     """A CLIP model and its processor on one device; `score` is safe from several threads
     (a chunk and its finishers share one scorer)."""
 
-    def __init__(self, source: str | Path, model_id: str, device: str = "cpu", revision: str | None = None):
+    def __init__(self, model, image_processor, tokenizer, provenance: dict):
+        """A loaded `CLIPModel` (on its device), CLIP's image processor and its tokenizer."""
+        self.model = model.eval()
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.context = int(model.config.text_config.max_position_embeddings)
+        self.side = input_side(image_processor)
+        self.provenance = provenance
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls, source: str | Path, model_id: str, device: str = "cpu", revision: str | None = None
+    ) -> ClipScorer:
+        """A CLIP model from a folder or the hub, in float32 on `device`."""
         import torch
         from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
 
         from workers.engine.loading import ModelSource
 
         where = ModelSource.of(source, revision)
+        at = {"revision": where.load_revision}
         # The Pillow back end: the same resize as the prepare stage's thumbnail (and as
         # DataComp's PIL transforms), on any host, whether or not torchvision is installed.
-        self.image_processor = CLIPImageProcessorPil.from_pretrained(
-            where.location, revision=where.load_revision
-        )
-        self.tokenizer = AutoTokenizer.from_pretrained(where.location, revision=where.load_revision)
-        self.device = torch.device(device)
-        self.model = CLIPModel.from_pretrained(
-            where.location, revision=where.load_revision, dtype=torch.float32
-        )
-        self.model.to(self.device).eval()
-        self.context = int(self.model.config.text_config.max_position_embeddings)
-        self.side = input_side(self.image_processor)
-        self.provenance = {"score_model": model_id, "score_revision": where.recorded_revision()}
-        self._lock = threading.Lock()
+        image_processor = CLIPImageProcessorPil.from_pretrained(where.location, **at)
+        tokenizer = AutoTokenizer.from_pretrained(where.location, **at)
+        model = CLIPModel.from_pretrained(where.location, dtype=torch.float32, **at).to(torch.device(device))
+        provenance = {"score_model": model_id, "score_revision": where.recorded_revision()}
+        return cls(model, image_processor, tokenizer, provenance)
 
     def score(self, requests: list[ScoreRequest]) -> list[ItemScores]:
         """Scores of each request's captions (None where it has no such caption)."""
@@ -152,7 +160,7 @@ def load_scorer(settings: Settings, device: object = "cpu") -> ClipScorer | None
     else:
         local = Path(name).expanduser()
         source = local if local.is_dir() else name
-    scorer = ClipScorer(source, name, device=_device_name(device))
+    scorer = ClipScorer.load(source, name, device=_device_name(device))
     log.info("CLIP scores with %s on %s", name, scorer.device)
     return scorer
 
