@@ -287,6 +287,7 @@ def test_a_worker_never_captions_a_job_of_another_model(pg_url, redis_url, tmp_p
     [
         (["--model", "[/]"], {}, "neither a model folder"),
         (["--model", "./no-such-model"], {}, "no such folder"),
+        (["--model", "tiny-clip"], {}, "a CLIP scorer, not a captioner"),
         (["--model", "tiny-mllama", "--engine", "vllm"], {}, "RECAP_ENGINE=vllm but"),
         (["--model", "tiny", "--engine", "bogus"], {}, "--engine takes auto, vllm or transformers"),
     ],

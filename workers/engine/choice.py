@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from recap.errors import RecapError
-from recap.models import tiny_family
+from recap.models import not_a_captioner, tiny_family
 from workers.engine.vllm_engine import VLLM_FAMILIES, unsupported_family_message  # light: no vLLM
 
 if TYPE_CHECKING:
@@ -99,6 +99,9 @@ def check_engine_choice(settings: Settings, model: str | None = None) -> None:
 def check_model_name(model: str) -> None:
     """A tiny alias, an existing folder, or a well-formed hub id (`org/name`); whether a hub
     id exists is only known when it loads (offline hosts cannot ask)."""
+    reason = not_a_captioner(model)
+    if reason:
+        raise RecapError(reason)
     if tiny_family(model) is not None or Path(model).expanduser().is_dir():
         return
     if model.startswith((".", "/", "~")) or Path(model).expanduser().exists():
