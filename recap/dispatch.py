@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from recap.queue import CAPTION_TASK, producer_app, queue_name
 from recap.settings import Settings
-from recap.states import ChunkState
+from recap.states import ChunkState, JobState
 from recap.store import ChunkRef, JobInfo, Store
 
 log = logging.getLogger(__name__)
@@ -35,20 +35,22 @@ class Dispatcher:
 
     def top_up(self, jobs: list[JobInfo] | None = None, model: str | None = None) -> list[DispatchReport]:
         """Enqueue what each model's queue lacks, up to RECAP_MAX_QUEUED_CHUNKS: for `jobs`,
-        or else every unfinished job (of `model`, where given)."""
+        or else every unfinished job (of `model`, where given); never chunks of a paused or
+        cancelled job. Higher-priority jobs' chunks go first (`Store.take_chunks_to_enqueue`)."""
         jobs = self.store.unfinished_jobs(model) if jobs is None else jobs
-        by_model: dict[str, list[int]] = defaultdict(list)
+        by_model: dict[str, list[JobInfo]] = defaultdict(list)
         for job in jobs:
-            by_model[job.model].append(job.id)
-        return [self._top_up_queue(m, ids) for m, ids in by_model.items()]
+            if job.state is JobState.RUNNING:
+                by_model[job.model].append(job)
+        return [self._top_up_queue(m, model_jobs) for m, model_jobs in by_model.items()]
 
-    def _top_up_queue(self, model: str, job_ids: list[int]) -> DispatchReport:
+    def _top_up_queue(self, model: str, jobs: list[JobInfo]) -> DispatchReport:
         queue = queue_name(model)
         depth = self.queue_depth(queue)
-        lost = max(0, self.store.count_chunks(job_ids, ChunkState.QUEUED) - depth)
+        lost = max(0, self.store.count_chunks([j.id for j in jobs], ChunkState.QUEUED) - depth)
         room = max(0, self.settings.max_queued_chunks - depth)
         refs = self.store.take_chunks_to_enqueue(
-            job_ids, room, lost, lambda r: self._send(queue, r), lock_key=queue
+            jobs, room, lost, lambda r: self._send(queue, r), lock_key=queue
         )
         if refs:
             log.info("enqueued %d chunk(s) on %s (depth was %d, %d lost)", len(refs), queue, depth, lost)

@@ -20,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from recap.states import ChunkState, ItemStatus
+from recap.states import ChunkState, ItemStatus, JobState
 
 # SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -42,6 +42,14 @@ class Job(Base):
     chunk_size: Mapped[int] = mapped_column(Integer)
     # Epoch seconds (database clock) of the first claim: the base of rate and ETA.
     started_at: Mapped[float | None] = mapped_column(Float)
+    # Migration 0005: pause, cancel, priority and engine time (`recap pause`, `priority`...).
+    state: Mapped[str] = mapped_column(
+        String(16), default=JobState.RUNNING.value, server_default=JobState.RUNNING.value
+    )
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # larger first
+    # Engine busy seconds of the job's batches, summed over workers and devices.
+    engine_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    finished_at: Mapped[float | None] = mapped_column(Float)  # epoch seconds: cancelled (or ended)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
@@ -56,6 +64,7 @@ class Chunk(Base):
     item_count: Mapped[int] = mapped_column(Integer, default=0)
     done_count: Mapped[int] = mapped_column(Integer, default=0)
     failed_count: Mapped[int] = mapped_column(Integer, default=0)
+    cancelled_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # migration 0005
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     # Epoch seconds on the database's clock, so hosts with skewed clocks agree.
@@ -119,3 +128,19 @@ class Provenance(Base):
     digest: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of the JSON
     data: Mapped[dict] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class BlocklistEntry(Base):
+    """What `recap forget` keeps so that removed images are refused again (migration 0006):
+    a domain, an image sha256, the sha256 of a URL (`url_hash`: the URL itself is not kept)
+    or an item key. `submit`, `run` and the workers consult it."""
+
+    __tablename__ = "blocklist"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    value: Mapped[str] = mapped_column(String(300))
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    __table_args__ = (Index("ux_blocklist_kind_value", "kind", "value", unique=True),)

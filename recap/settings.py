@@ -122,6 +122,8 @@ class Settings(BaseSettings):
         2.0, gt=0, le=DAY_S
     )  # idle engine time before stragglers are left behind
     straggler_share: float = Field(0.1, ge=0, le=1)  # at most this share of a chunk is left behind
+    # Price of one GPU-hour (any currency): `status` shows a job's cost so far and to finish.
+    gpu_hour_cost: float | None = Field(None, ge=0, le=1_000_000)
 
     # Fetching
     fetch_timeout_s: float = Field(20.0, gt=0, le=DAY_S)

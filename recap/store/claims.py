@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import update
+from sqlalchemy import select, update
+from sqlalchemy.engine import Connection
 
-from recap.states import ChunkState, ClaimRefusal
+from recap.states import ChunkState, ClaimRefusal, JobState
 from recap.store.core import StoreCore, chunks_t, jobs_t
 from recap.store.lease import ClaimedChunk
 from recap.transient import retrying
@@ -43,6 +44,11 @@ class Claims(StoreCore):
             if chunk is None:
                 return Refused(ClaimRefusal.MISSING)
             now = self.now(conn)
+            if not force:  # `recap run` owns its database: no one pauses its job
+                held = _held_back(conn, job_id)
+                if held is not None:
+                    self._hold_back(conn, chunk, now, held)
+                    return Refused(held)
             refusal = _refusal(chunk, owner, now, max_attempts, force)
             if refusal is ClaimRefusal.EXHAUSTED:
                 self._set_chunk(
@@ -72,6 +78,22 @@ class Claims(StoreCore):
                 .values(started_at=now)
             )
         return ClaimedChunk(self, job_id, chunk_no, owner, lease_s)
+
+    def _hold_back(self, conn: Connection, chunk, now: float, why: ClaimRefusal) -> None:
+        """A chunk of a paused job, sent before the pause: back to `pending` (dispatch sends
+        it again after `resume`), no attempt counted; of a cancelled job: `done` when
+        nothing is left in it. A live lease is left alone (its chunk finishes)."""
+        waiting = chunk["state"] == ChunkState.QUEUED
+        expired = chunk["state"] == ChunkState.RUNNING and (chunk["lease_expires_at"] or 0) <= now
+        if waiting or expired:
+            self._set_chunk(
+                conn,
+                chunk["job_id"],
+                chunk["chunk_no"],
+                state=_state_when_held(chunk, why),
+                lease_owner=None,
+                lease_expires_at=None,
+            )
 
     @retrying
     def renew_lease(self, job_id: int, chunk_no: int, owner: str, lease_s: float) -> bool:
@@ -113,7 +135,8 @@ class Claims(StoreCore):
                 return ClaimRefusal.MISSING
             if chunk["state"] != ChunkState.RUNNING or chunk["lease_owner"] != owner:
                 return ChunkState(chunk["state"])  # not ours any more (lease expired and taken)
-            complete = chunk["done_count"] + chunk["failed_count"] >= chunk["item_count"]
+            finished = chunk["done_count"] + chunk["failed_count"] + chunk["cancelled_count"]
+            complete = finished >= chunk["item_count"]
             state = ChunkState.DONE if complete else ChunkState.PENDING
             values: dict = {"state": state, "lease_owner": None, "lease_expires_at": None}
             if error:
@@ -122,6 +145,21 @@ class Claims(StoreCore):
                 values["attempts"] = max(0, chunk["attempts"] - 1)
             self._set_chunk(conn, job_id, chunk_no, **values)
         return state
+
+
+def _held_back(conn: Connection, job_id: int) -> ClaimRefusal | None:
+    """Why the job's chunks may not be claimed now (paused, cancelled); None when they may."""
+    state = conn.execute(select(jobs_t.c.state).where(jobs_t.c.id == job_id)).scalar()
+    if state == JobState.PAUSED:
+        return ClaimRefusal.PAUSED
+    if state == JobState.CANCELLED:
+        return ClaimRefusal.CANCELLED
+    return None
+
+
+def _state_when_held(chunk, why: ClaimRefusal) -> ChunkState:
+    left = chunk["item_count"] - chunk["done_count"] - chunk["failed_count"] - chunk["cancelled_count"]
+    return ChunkState.DONE if why is ClaimRefusal.CANCELLED and left <= 0 else ChunkState.PENDING
 
 
 def _refusal(chunk, owner: str, now: float, max_attempts: int, force: bool) -> ClaimRefusal | None:

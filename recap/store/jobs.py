@@ -7,10 +7,11 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 
 from recap.errors import RecapError
 from recap.generation import GenerationSettings
+from recap.states import JobState
 from recap.store.core import StoreCore, chunked, chunks_t, items_t, jobs_t, provenances_t
 from recap.transient import retrying
 
@@ -32,6 +33,8 @@ class JobInfo:
     prompt: str
     generation: GenerationSettings
     chunk_size: int
+    state: JobState = JobState.RUNNING
+    priority: int = 0  # larger runs first
 
 
 def job_info(row) -> JobInfo:
@@ -43,6 +46,8 @@ def job_info(row) -> JobInfo:
         prompt=row["prompt"],
         generation=GenerationSettings.from_json(row["generation"]),
         chunk_size=row["chunk_size"],
+        state=JobState(row["state"]),
+        priority=row["priority"],
     )
 
 
@@ -95,6 +100,24 @@ class Jobs(StoreCore):
         with self.engine.connect() as conn:
             rows = conn.execute(select(jobs_t).order_by(jobs_t.c.id.desc())).mappings().all()
         return [job_info(r) for r in rows]
+
+    def set_job_state(self, job: JobInfo, state: JobState) -> JobState:
+        """Pause, resume or cancel a job (its state, in the database: it survives worker and
+        broker restarts); a cancelled job stays cancelled. Returns the state it now has."""
+        with self.writer.begin() as conn:
+            values: dict = {"state": state}
+            if state is JobState.CANCELLED:
+                values["finished_at"] = self.now(conn)
+            conn.execute(
+                update(jobs_t)
+                .where(jobs_t.c.id == job.id, jobs_t.c.state != JobState.CANCELLED)
+                .values(**values)
+            )
+            return JobState(conn.execute(select(jobs_t.c.state).where(jobs_t.c.id == job.id)).scalar_one())
+
+    def set_priority(self, job: JobInfo, priority: int) -> None:
+        with self.writer.begin() as conn:
+            conn.execute(update(jobs_t).where(jobs_t.c.id == job.id).values(priority=priority))
 
     def drop_job(self, job: JobInfo) -> None:
         """Delete a job with its chunks and items; on PostgreSQL its partition is dropped

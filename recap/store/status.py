@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
 from recap.clock import as_utc
-from recap.states import ChunkState
+from recap.states import ChunkState, JobState
 from recap.store.core import StoreCore, chunks_t, jobs_t
 from recap.store.jobs import JobInfo
 
@@ -22,6 +22,7 @@ class ItemCounts:
     pending: int = 0
     done: int = 0
     failed: int = 0
+    cancelled: int = 0  # pending when their job was cancelled (not counted in `pending`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,17 +45,73 @@ class JobStatus:
     chunks: ChunkCounts
     rate_per_s: float | None  # items finished per second since the first claim
     eta_s: float | None
+    state: JobState = JobState.RUNNING
+    priority: int = 0
+    time: JobTime = field(default_factory=lambda: JobTime())
 
     def to_json(self) -> dict:
-        """The `status --json` object: these keys, in this order."""
+        """The status object's first keys, in this order, as they were before job
+        operations (pending excludes cancelled items all the same)."""
+        items = asdict(self.items)
+        del items["cancelled"]
         return {
             "job": self.job,
             "model": self.model,
-            "items": asdict(self.items),
+            "items": items,
             "errors": dict(self.errors),
             "chunks": asdict(self.chunks),
             "rate_per_s": self.rate_per_s,
             "eta_s": self.eta_s,
+        }
+
+    def to_full_json(self) -> dict:
+        """The `status --json` object: `to_json`'s keys and `items.cancelled`, then the
+        job's state, priority and time (migration 0005): keys only added, none changed."""
+        payload = self.to_json()
+        payload["items"]["cancelled"] = self.items.cancelled
+        return {**payload, "state": self.state.value, "priority": self.priority, **self.time.to_json()}
+
+
+@dataclass(frozen=True, slots=True)
+class JobTime:
+    """The engine time a job took (summed over workers, any device), its wall time, and
+    what they cost at `gpu_hour_cost` per GPU-hour (RECAP_GPU_HOUR_COST; None: unpriced)."""
+
+    engine_seconds: float = 0.0
+    wall_s: float | None = None  # from the first claim to the end (or now)
+    done: int = 0
+    processed: int = 0  # done and failed items: the engine time is theirs
+    pending: int = 0
+    gpu_hour_cost: float | None = None
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.engine_seconds / 3600.0
+
+    @property
+    def images_per_gpu_hour(self) -> float | None:
+        return round(self.done / self.gpu_hours, 1) if self.engine_seconds > 0 else None
+
+    @property
+    def cost_so_far(self) -> float | None:
+        return None if self.gpu_hour_cost is None else round(self.gpu_hours * self.gpu_hour_cost, 4)
+
+    @property
+    def cost_to_finish(self) -> float | None:
+        """The engine time per item so far, times the items pending, priced."""
+        if self.gpu_hour_cost is None or self.processed == 0:
+            return None
+        hours_left = self.gpu_hours / self.processed * self.pending
+        return round(hours_left * self.gpu_hour_cost, 4)
+
+    def to_json(self) -> dict:
+        return {
+            "engine_seconds": round(self.engine_seconds, 3),
+            "gpu_hours": self.gpu_hours,
+            "images_per_gpu_hour": self.images_per_gpu_hour,
+            "wall_s": self.wall_s,
+            "cost_so_far": self.cost_so_far,
+            "cost_to_finish": self.cost_to_finish,
         }
 
 
@@ -69,7 +126,8 @@ class Lease:
 
 
 class Status(StoreCore):
-    def job_status(self, job: JobInfo) -> JobStatus:
+    def job_status(self, job: JobInfo, gpu_hour_cost: float | None = None) -> JobStatus:
+        """How the job stands now; costs priced at `gpu_hour_cost` (RECAP_GPU_HOUR_COST)."""
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(
@@ -78,29 +136,47 @@ class Status(StoreCore):
                     func.coalesce(func.sum(chunks_t.c.item_count), 0),
                     func.coalesce(func.sum(chunks_t.c.done_count), 0),
                     func.coalesce(func.sum(chunks_t.c.failed_count), 0),
+                    func.coalesce(func.sum(chunks_t.c.cancelled_count), 0),
                 )
                 .where(chunks_t.c.job_id == job.id)
                 .group_by(chunks_t.c.state)
             ).all()
             errors = _error_counts(conn, job.id)
-            started_at = conn.execute(select(jobs_t.c.started_at).where(jobs_t.c.id == job.id)).scalar()
+            row = conn.execute(select(jobs_t).where(jobs_t.c.id == job.id)).mappings().one()
             now = self.now(conn)
             last_write = _last_write(conn, job.id)
         chunks = dict.fromkeys(ChunkState, 0)
-        total = done = failed = 0
-        for state, n, items, d, f in rows:
+        total = done = failed = cancelled = 0
+        for state, n, items, d, f, c in rows:
             chunks[ChunkState(state)] = int(n)
-            total, done, failed = total + int(items), done + int(d), failed + int(f)
-        pending = total - done - failed
+            total, done, failed, cancelled = (
+                total + int(items),
+                done + int(d),
+                failed + int(f),
+                cancelled + int(c),
+            )
+        pending = total - done - failed - cancelled
+        started_at = row["started_at"]
         rate, eta = _rate_and_eta(done + failed, pending, started_at, now, last_write)
+        end = row["finished_at"] or (now if pending else (last_write or now))
         return JobStatus(
             job=job.name,
             model=job.model,
-            items=ItemCounts(total=total, pending=pending, done=done, failed=failed),
+            items=ItemCounts(total=total, pending=pending, done=done, failed=failed, cancelled=cancelled),
             errors=dict(sorted(errors.items(), key=lambda kv: (-kv[1], kv[0]))),
             chunks=ChunkCounts(**{state.value: n for state, n in chunks.items()}),
             rate_per_s=rate,
             eta_s=eta,
+            state=JobState(row["state"]),
+            priority=row["priority"],
+            time=JobTime(
+                engine_seconds=row["engine_seconds"] or 0.0,
+                wall_s=None if not started_at else round(max(end - started_at, 0.0), 1),
+                done=done,
+                processed=done + failed,
+                pending=pending,
+                gpu_hour_cost=gpu_hour_cost,
+            ),
         )
 
     def chunk_states(self, job_id: int, states: Iterable[ChunkState]) -> list[int]:
