@@ -43,6 +43,10 @@ def submit(
     caption_col: CaptionCol = None,
     id_col: IdCol = None,
     sha256_col: ShaCol = None,
+    priority: Annotated[
+        int | None,
+        typer.Option(help="Any integer, larger runs first (a new job: 0; see `recap priority`)."),
+    ] = None,
 ) -> None:
     """Register a fleet job and its items in PostgreSQL, enqueue chunks up to the queue cap, exit."""
     settings = read_settings()
@@ -52,6 +56,9 @@ def submit(
     wanted = columns(url_col, caption_col, id_col, sha256_col)
     probe_inputs(inputs, wanted)  # what can be found before registering is found now
     job_info = open_and_register(store, settings, job, model or settings.model, inputs, wanted, limit)
+    if priority is not None:
+        store.set_priority(job_info, priority)
+        job_info = store.get_job(job)
     reports = dispatch(Dispatcher(store, settings), [job_info])
     items = store.job_status(job_info).items
     say(

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.live import Live
 
-from recap.cli.base import app, command, local_store, out, say
+from recap.cli.base import app, command, local_store, out, read_settings, say
 from recap.cli.render import JobView, look, status_view
 from recap.errors import RecapError
 from recap.store import JobInfo, Store
@@ -27,35 +27,48 @@ def status(
         bool, typer.Option(help="Refresh until every job shown is finished (or until interrupted).")
     ] = False,
     interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full",
+            help="With --json: add items.cancelled, state, priority, engine_seconds, gpu_hours, "
+            "images_per_gpu_hour, wall_s, cost_so_far and cost_to_finish.",
+        ),
+    ] = False,
 ) -> None:
-    """Counts per status, error class and chunk state; rate and ETA."""
+    """Counts per status, error class and chunk state; rate and ETA; state, priority and
+    GPU-hours (with RECAP_GPU_HOUR_COST, the cost so far and to finish)."""
     if watch and not MIN_INTERVAL_S <= interval <= MAX_INTERVAL_S:  # also refuses nan
         raise RecapError(f"--interval takes {MIN_INTERVAL_S} to {MAX_INTERVAL_S:g} seconds, got {interval:g}")
     store = local_store()
+    cost = read_settings().gpu_hour_cost
     jobs = [store.get_job(job)] if job else store.list_jobs()
     if as_json:
-        payload = [store.job_status(j).to_json() for j in jobs]
+        statuses = [store.job_status(j, cost) for j in jobs]
+        payload = [s.to_full_json() if full else s.to_json() for s in statuses]
         out.print_json(json.dumps(payload[0] if job else payload))
         return
     if not jobs:
         say(f"no jobs in {_database(store)} (RECAP_DATABASE_URL names the database to look at)")
         return
-    views = look(store, jobs)
+    views = look(store, jobs, cost)
     if not watch:
         out.print(status_view(views))
         return
-    views = _watch(store, jobs, views, interval)
+    views = _watch(store, jobs, views, interval, cost)
     if all(view.finished for view in views):
         say(f"{_finished(views)}: nothing pending, queued or running")
 
 
-def _watch(store: Store, jobs: list[JobInfo], views: list[JobView], interval: float) -> list[JobView]:
+def _watch(
+    store: Store, jobs: list[JobInfo], views: list[JobView], interval: float, cost: float | None
+) -> list[JobView]:
     """Refresh until every job is finished or Ctrl-C; the views last shown."""
     try:
         with Live(status_view(views), console=out, refresh_per_second=4) as live:
             while not all(view.finished for view in views):
                 time.sleep(interval)
-                views = look(store, jobs)
+                views = look(store, jobs, cost)
                 live.update(status_view(views))
     except KeyboardInterrupt:
         pass
