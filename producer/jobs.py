@@ -8,6 +8,7 @@ import json
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 
+from producer.blocklist import Screen
 from recap.errors import RecapError
 from recap.models import model_slug
 from recap.records import InputItem
@@ -78,11 +79,16 @@ def register_inputs(
     read_stats=None,
 ) -> RegisterStats:
     """Read `inputs` into the job's items; `read_stats` (a `ReadStats`) learns what the
-    readers saw and left out."""
+    readers saw and left out. Items on the blocklist (a domain, a key, a URL, the input's
+    sha256) are registered, then end failed `opted_out` before any request."""
     from producer.readers import read_items
 
-    items = read_items(inputs, columns, stats=read_stats)
-    return store.register_items(job, items, on_batch=on_batch, limit=limit)
+    screen = Screen(store.blocklist())
+    items = screen.batches(read_items(inputs, columns, stats=read_stats))
+    stats = store.register_items(job, items, on_batch=on_batch, limit=limit)
+    if screen.blocked:
+        store.refuse_blocked(job, screen.blocked)
+    return stats
 
 
 def first_rows(batches: Iterable[list[InputItem]], limit: int | None) -> Iterator[list[InputItem]]:

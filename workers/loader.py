@@ -22,6 +22,7 @@ from typing import Self
 from recap.errors import ErrorClass, Failure
 from recap.records import ImageSpec, InputItem, Prepared, Rejected
 from recap.settings import Settings
+from recap.store.forget import BLOCKED, Blocklist
 from workers.fetch import Fetcher
 from workers.load_result import Failed, Fetched
 from workers.prepare import ImageLimits, PreparedImage, prepare_hashed
@@ -30,6 +31,7 @@ from workers.sources import read_local
 log = logging.getLogger(__name__)
 
 Loaded = Prepared | Rejected
+_BLOCKED = Failure.of(ErrorClass.OPTED_OUT, BLOCKED)
 _END = object()
 
 
@@ -46,8 +48,10 @@ class ImageLoader:
         self._pool = ThreadPoolExecutor(self._width, thread_name_prefix="recap-load")
         self._closed = False
 
-    def load(self, items: Iterable[InputItem]) -> Iterator[Loaded]:
-        """One result per item taken, in completion order.
+    def load(self, items: Iterable[InputItem], blocklist: Blocklist | None = None) -> Iterator[Loaded]:
+        """One result per item taken, in completion order. Items on the `blocklist` (read
+        once per chunk) are refused `opted_out`: a blocked domain or URL before any request,
+        a blocked image sha256 after download, before it is decoded or captioned.
 
         Closing the generator early abandons the items in flight (their work stops at the
         next check).
@@ -64,7 +68,7 @@ class ImageLoader:
                         break
                     ticket = next(tickets)
                     in_flight[ticket] = item
-                    self._pool.submit(self._run, ticket, item, done, cancel)
+                    self._pool.submit(self._run, ticket, item, done, cancel, blocklist or Blocklist())
                 if not in_flight:
                     return
                 ticket, result = done.get()
@@ -89,10 +93,17 @@ class ImageLoader:
 
     # -- one item, on a pool thread
 
-    def _run(self, ticket: int, item: InputItem, done: queue.SimpleQueue, cancel: threading.Event) -> None:
+    def _run(
+        self,
+        ticket: int,
+        item: InputItem,
+        done: queue.SimpleQueue,
+        cancel: threading.Event,
+        blocklist: Blocklist,
+    ) -> None:
         result: Loaded | None = None
         try:
-            result = self._load_one(item, cancel)
+            result = self._load_one(item, cancel, blocklist)
         except Exception as exc:
             log.exception("unexpected error loading %s", item.key)
             result = Rejected(
@@ -104,15 +115,19 @@ class ImageLoader:
                 result = Rejected(item, Failure.of(ErrorClass.NETWORK_ERROR, "loading stopped unexpectedly"))
             done.put((ticket, result))
 
-    def _load_one(self, item: InputItem, cancel: threading.Event) -> Loaded:
+    def _load_one(self, item: InputItem, cancel: threading.Event, blocklist: Blocklist) -> Loaded:
         if cancel.is_set():  # load() was abandoned: nobody reads this answer
             return Rejected(item, Failure.of(ErrorClass.NETWORK_ERROR, "load abandoned before it started"))
+        if blocklist.blocks_input(item.key, item.url, item.expected_sha256):
+            return Rejected(item, _BLOCKED)
         start = time.monotonic()
         got = self._read(item, cancel)
         fetch_ms = (time.monotonic() - start) * 1000.0
         if isinstance(got, Failed):
             return Rejected(item, got.failure, fetch_ms=fetch_ms)
         sha256 = hashlib.sha256(got.data).hexdigest()
+        if blocklist.blocks_image(sha256):  # the hash is not kept: it identifies the image
+            return Rejected(item, _BLOCKED, fetch_ms=fetch_ms)
         prepared = self._prepare(item, got.data, sha256)
         if isinstance(prepared, Failed):
             return Rejected(item, prepared.failure, fetch_ms=fetch_ms, sha256=sha256)

@@ -121,7 +121,7 @@ class CaptionPipeline:
             raise self.fatal
         outcome = ChunkOutcome(job.id, chunk_no)
         items = self.store.pending_items(job.id, chunk_no)
-        feed = ImageFeed(self._loader_for(job).load(items), size=2 * self.batch_size)
+        feed = ImageFeed(self._loader_for(job).load(items, self.store.blocklist()), size=2 * self.batch_size)
         flight = Flight(self, job, chunk_no, outcome, on_written)
         feed_handed_off = False
         try:

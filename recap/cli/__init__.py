@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from recap.cli import admin, convert, export, fleet, ops, processes, report, run, status  # noqa: F401  (each registers its commands)
+from recap.cli import admin, convert, export, fleet, forget, ops, processes, report, run, status  # noqa: F401  (each registers its commands)
 from recap.cli.base import app
 
 __all__ = ["app", "main"]

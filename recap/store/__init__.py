@@ -17,6 +17,7 @@ from __future__ import annotations
 from recap.store.claims import Claims, Refused
 from recap.store.columns import COLUMN_NAMES, ItemColumns, ItemReads
 from recap.store.enqueue import ChunkRef, Enqueue
+from recap.store.forget import Forget
 from recap.store.jobs import JobInfo, Jobs
 from recap.store.lease import ClaimedChunk
 from recap.store.registration import RegisterStats, Registration
@@ -25,7 +26,7 @@ from recap.store.results import Results, Retried
 from recap.store.status import ChunkCounts, ItemCounts, JobStatus, Lease, Status
 
 
-class Store(Jobs, Registration, Claims, Enqueue, Results, Status, ItemReads, Reports):
+class Store(Jobs, Registration, Claims, Enqueue, Results, Status, ItemReads, Reports, Forget):
     """One database's jobs, chunks and items: `Store(url)`, with `retry_s` seconds of
     waiting out a database outage in the methods workers call (0: fail at once)."""
 
