@@ -217,3 +217,56 @@ def _job_name(url):
         name = conn.execute(sa.text("SELECT name FROM jobs ORDER BY id LIMIT 1")).scalar_one()
     engine.dispose()
     return name
+
+
+def test_forgetting_a_cancelled_or_pending_item_keeps_the_counters_true(store, tmp_path):
+    job = _job(store)
+    store.register_items(job, [ITEMS])
+    store.cancel_pending(job)
+    selection, _ = read_selection(_listing(tmp_path, "a\nb\n"), BlockKind.KEY)
+    assert store.forget(selection, [job])[0].items == 2
+    other = _job(store, "pending")
+    store.register_items(other, [ITEMS])
+    assert store.forget(selection, [other])[0].items == 2
+    for j, (cancelled, pending) in ((job, (3, 0)), (other, (0, 3))):
+        status = store.job_status(j)
+        assert (status.items.failed, status.items.pending, status.errors) == (2, pending, {"opted_out": 2})
+        with store.engine.connect() as conn:
+            counters = conn.execute(
+                sa.text(
+                    "SELECT sum(failed_count), sum(cancelled_count), sum(done_count) "
+                    "FROM chunks WHERE job_id = :j"
+                ),
+                {"j": j.id},
+            ).one()
+        assert tuple(counters) == (2, cancelled, 0)
+
+
+def _listing(tmp_path, text):
+    path = tmp_path / "listing.txt"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_migration_0006_adds_the_blocklist_to_a_schema_holding_jobs(request, database):
+    from alembic import command
+    from recap.db import alembic_config
+    from recap.store import Store
+
+    url = request.getfixturevalue("sqlite_url" if database == "sqlite" else "pg_url")
+    command.downgrade(alembic_config(url), "0005")
+    store = Store(url)
+    job = _job(store)
+    store.register_items(job, [ITEMS])
+    with pytest.raises(sa.exc.DBAPIError):
+        store.blocklist()
+
+    command.upgrade(alembic_config(url), "head")
+    assert store.job_status(job).items.pending == 5
+    store.block(BlockKind.DOMAIN, ["example.com"], "first")
+    store.block(BlockKind.DOMAIN, ["example.com", "example.org"], "again")
+    assert store.blocklist().domains == {"example.com", "example.org"}
+    with store.engine.connect() as conn:
+        reasons = dict(conn.execute(sa.text("SELECT value, reason FROM blocklist")).all())
+    assert reasons == {"example.com": "first", "example.org": "again"}

@@ -124,15 +124,13 @@ class _Match:
 
 
 class Forget(StoreCore):
-    def block(self, kind: BlockKind, values: Iterable[str], reason: str) -> int:
-        """Add entries to the blocklist (those already there stay as they were)."""
+    def block(self, kind: BlockKind, values: Iterable[str], reason: str) -> None:
+        """Add entries to the blocklist (those already there keep their reason and time)."""
         rows = [{"kind": kind.value, "value": v, "reason": reason} for v in sorted(set(values))]
-        added = 0
         for part in chunked(rows, 1000):
             with self.writer.begin() as conn:
                 stmt = self._insert(blocklist_t).on_conflict_do_nothing(index_elements=["kind", "value"])
-                added += conn.execute(stmt, part).rowcount or 0
-        return added
+                conn.execute(stmt, part)
 
     def blocklist(self) -> Blocklist:
         """The whole blocklist: read once per chunk (workers) or per registration."""
