@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 ITEMS = Counter("recap_items_total", "Items finished, by status and error class", ["status", "error_class"])
 CHUNKS = Counter("recap_chunks_total", "Chunks handled, by outcome", ["outcome"])
+# One series per job (the job's name): a fleet runs a handful of jobs at once, not thousands.
+ENGINE_SECONDS = Counter(
+    "recap_engine_seconds_total", "Engine busy seconds of the batches written, by job", ["job"]
+)
 BATCH_SIZE = Histogram("recap_batch_size", "Images per engine batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 BATCH_SECONDS = Histogram(
     "recap_batch_seconds", "Engine time per batch", buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)

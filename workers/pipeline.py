@@ -109,7 +109,8 @@ class CaptionPipeline:
     ) -> ChunkOutcome:
         """Caption the chunk's pending items; `on_written` runs after each batch is stored
         (progress); `should_stop` ends the chunk early (graceful stop, lease lost), once
-        the batches in the engine are written.
+        the batches in the engine are written; so does a cancelled job, seen when a batch
+        is written.
 
         Given the chunk's `lease`, what is left once everything else is written (the few
         items still loading after RECAP_STRAGGLER_GRACE_S without an arrival, and the
@@ -124,8 +125,13 @@ class CaptionPipeline:
         feed = ImageFeed(self._loader_for(job).load(items, self.store.blocklist()), size=2 * self.batch_size)
         flight = Flight(self, job, chunk_no, outcome, on_written)
         feed_handed_off = False
+        asked = should_stop or (lambda: False)
+
+        def stop() -> bool:
+            return flight.outcome.job_cancelled or asked()
+
         try:
-            feed_handed_off = self._run_feed(feed, flight, len(items), should_stop or (lambda: False), lease)
+            feed_handed_off = self._run_feed(feed, flight, len(items), stop, lease)
         finally:
             if not feed_handed_off:
                 feed.close()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from recap.quality import SCORE_TRUNCATED, quality_flags
 from recap.records import Caption, ItemResult, Prepared, Rejected
-from recap.states import ItemStatus
+from recap.states import ItemStatus, JobState
 from recap.store import Store
 from workers import metrics
 from workers.scoring import ClipScorer, ScoreRequest
@@ -27,9 +27,17 @@ class ChunkOutcome:
     # Items not yet written when the chunk's task returned (still loading, or still in the
     # engine): a background finisher writes them and finishes the chunk (`workers.finisher`).
     left_to_finisher: int = 0
+    # The job was cancelled (seen when a batch was written): the chunk stops at this batch.
+    job_cancelled: bool = False
 
 
 OnWritten = Callable[[list[ItemResult]], None]
+
+
+def engine_seconds(results: list[ItemResult]) -> float:
+    """The engine time of a batch's results: each caption carries its share of its batch's
+    time (`infer_ms`), on whatever device; a rejected item took none."""
+    return sum(r.infer_ms or 0.0 for r in results) / 1000.0
 
 
 class ResultWriter:
@@ -39,6 +47,7 @@ class ResultWriter:
         self.worker = worker
         self.scorer = scorer
         self._provenance: int | None = None
+        self._job_names: dict[int, str] = {}  # the metrics' job label
 
     def caption_results(self, ready: list[Prepared], captions: list[Caption]) -> list[ItemResult]:
         """A batch's results, its done items scored where a scorer is on."""
@@ -106,19 +115,29 @@ class ResultWriter:
     ) -> None:
         if not results:
             return
-        self.store.write_results(
+        engine_s = engine_seconds(results)
+        written = self.store.write_batch(
             job_id,
             chunk_no,
             results,
             model_revision=self.engine.revision,
             provenance_id=self._provenance_id(),
+            engine_seconds=engine_s,
         )
+        outcome.job_cancelled = written.job_state is JobState.CANCELLED
+        if engine_s > 0:
+            metrics.ENGINE_SECONDS.labels(self._job_name(job_id)).inc(engine_s)
         for r in results:
             metrics.ITEMS.labels(r.status.value, r.error_class or "").inc()
         outcome.done += sum(r.status == ItemStatus.DONE for r in results)
         outcome.failed += sum(r.status == ItemStatus.FAILED for r in results)
         if on_written:
             on_written(results)
+
+    def _job_name(self, job_id: int) -> str:
+        if job_id not in self._job_names:
+            self._job_names[job_id] = self.store.job_by_id(job_id).name
+        return self._job_names[job_id]
 
     def _provenance_id(self) -> int:
         """The engine's provenance row (with the scorer's model and revision), looked up once

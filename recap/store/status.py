@@ -106,7 +106,7 @@ class JobTime:
 
     def to_json(self) -> dict:
         return {
-            "engine_seconds": round(self.engine_seconds, 3),
+            "engine_seconds": round(self.engine_seconds, 6),
             "gpu_hours": self.gpu_hours,
             "images_per_gpu_hour": self.images_per_gpu_hour,
             "wall_s": self.wall_s,
