@@ -7,17 +7,21 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+import urllib.request
 
 import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 
 from producer.blocklist import domain_of, read_selection
-from recap.errors import RecapError
+from recap.errors import ErrorClass, RecapError
 from recap.generation import GenerationSettings
-from recap.records import InputItem, ItemResult
+from recap.records import InputItem, ItemResult, Rejected
 from recap.states import ItemStatus
-from recap.store.forget import BLOCKED, REMOVED, BlockKind
+from recap.store.forget import BLOCKED, REMOVED, BlockKind, Blocklist
+from tests.support.fleet import wait_until
+from tests.test_fleet import control_app, finished, fleet, recap, write_urls  # noqa: F401  (fixtures used)
+from tests.test_fleet import items as fleet_items
 from tests.test_run import run_env
 
 pytestmark = pytest.mark.timeout(300)
@@ -270,3 +274,59 @@ def test_migration_0006_adds_the_blocklist_to_a_schema_holding_jobs(request, dat
     with store.engine.connect() as conn:
         reasons = dict(conn.execute(sa.text("SELECT value, reason FROM blocklist")).all())
     assert reasons == {"example.com": "first", "example.org": "again"}
+
+
+# -- the worker's own check, and a fleet on PostgreSQL -------------------------------------
+
+
+def test_the_loader_refuses_blocked_domains_unrequested_and_blocked_images_uncaptioned(image_server):
+    from recap.records import ImageSpec
+    from recap.settings import Settings
+    from workers.loader import ImageLoader
+
+    image = image_server.url("/img/87x53.jpg?seed=3")
+    with urllib.request.urlopen(image) as response:
+        image_sha = hashlib.sha256(response.read()).hexdigest()
+    unrequested = f"http://localhost:{image_server.port}/img/89x57.jpg"
+    blocklist = Blocklist(domains=frozenset({"localhost"}), sha256s=frozenset({image_sha}))
+    before = image_server.hits.copy()
+    items = [InputItem("domain", unrequested), InputItem("image", image + "&again=1")]
+    with ImageLoader(Settings(), ImageSpec(size=32)) as loader:
+        results = {r.item.key: r for r in loader.load(items, blocklist)}
+    assert all(isinstance(r, Rejected) for r in results.values())
+    assert {r.failure.error_class for r in results.values()} == {ErrorClass.OPTED_OUT}
+    assert {r.failure.message for r in results.values()} == {BLOCKED}
+    assert image_server.hits["/img/89x57.jpg"] == before["/img/89x57.jpg"] == 0
+    assert image_server.hits["/img/87x53.jpg"] == before["/img/87x53.jpg"] + 1  # downloaded, then refused
+    assert results["image"].sha256 is None
+
+
+def test_a_fleet_worker_refuses_blocked_items_of_a_submitted_job(request, pg_url, image_server, tmp_path):
+    workers, app = request.getfixturevalue("fleet"), request.getfixturevalue("control_app")
+    image = image_server.url("/img/93x61.jpg?seed=4")
+    with urllib.request.urlopen(image) as response:
+        image_sha = hashlib.sha256(response.read()).hexdigest()
+    forget_env = {"RECAP_DATABASE_URL": pg_url}
+    hashes, domains = _listing(tmp_path, image_sha + "\n"), tmp_path / "domains.txt"
+    domains.write_text("localhost\n")
+    assert recap(workers, "forget", "--sha256", str(hashes), env=forget_env).returncode == 0
+    assert recap(workers, "forget", "--domains", str(domains), env=forget_env).returncode == 0
+
+    unrequested = [f"http://localhost:{image_server.port}/img/9{i}x6{i}.jpg" for i in range(3)]
+    fresh = [image_server.url(f"/img/{60 + i}x{45 + i}.jpg?seed=7") for i in range(4)]
+    urls = write_urls(tmp_path, [*unrequested, image + "&copy=1", *fresh])
+    before = image_server.hits.copy()
+    workers.start_worker()
+    workers.wait_ready(app, 1)
+    submitted = recap(workers, "submit", str(urls), "--job", "blocked")
+    assert submitted.returncode == 0, submitted.stderr
+    wait_until(lambda: finished(pg_url), 180, what="every item to finish")
+
+    rows = fleet_items(pg_url).values()
+    assert sorted(r["status"] for r in rows) == ["done"] * 4 + ["failed"] * 4
+    refused = [r for r in rows if r["status"] == "failed"]
+    assert {r["error_class"] for r in refused} == {"opted_out"}
+    assert all(r["caption"] is None for r in refused)
+    for i in range(3):
+        assert image_server.hits[f"/img/9{i}x6{i}.jpg"] == before[f"/img/9{i}x6{i}.jpg"] == 0
+    assert image_server.hits["/img/93x61.jpg"] == before["/img/93x61.jpg"] + 1  # the worker's download
