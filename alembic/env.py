@@ -8,9 +8,11 @@ from recap.schema import Base
 config = context.config
 url = config.get_main_option("sqlalchemy.url")
 if not url:
+    # alembic run by hand: recap's settings name the database
     from recap.db import database_url_or_default, normalise_url
+    from recap.settings import get_settings
 
-    url = normalise_url(database_url_or_default())  # the psycopg 3 driver, as recap uses
+    url = normalise_url(database_url_or_default(get_settings().database_url))  # psycopg 3, as recap
 
 
 def run_migrations_offline() -> None:

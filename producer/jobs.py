@@ -81,7 +81,7 @@ def register_inputs(
     """Read `inputs` into the job's items; `read_stats` (a `ReadStats`) learns what the
     readers saw and left out. Items on the blocklist (a domain, a key, a URL, the input's
     sha256) are registered, then end failed `opted_out` before any request."""
-    from producer.readers import read_items
+    from producer.readers import read_items  # pyarrow and fsspec: only when reading
 
     screen = Screen(store.blocklist())
     items = screen.batches(read_items(inputs, columns, stats=read_stats))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import URL, Engine, make_url
 
 from recap.errors import FleetConfigError, RecapError
@@ -13,10 +14,9 @@ from recap.resources import resource_path
 LOCAL_DEFAULT_URL = "sqlite:///recap.db"
 
 
-def database_url_or_default(url: str | None = None) -> str:
-    from recap.settings import get_settings
-
-    return url or get_settings().database_url or LOCAL_DEFAULT_URL
+def database_url_or_default(url: str | None) -> str:
+    """RECAP_DATABASE_URL (passed in from the settings), else `./recap.db`."""
+    return url or LOCAL_DEFAULT_URL
 
 
 # (backend, driver) pairs recap can open; None: SQLAlchemy's default driver for the backend.
@@ -105,8 +105,6 @@ def _engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         database = make_url(url).database
         if database and database != ":memory:":
-            from pathlib import Path
-
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url)
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -122,20 +120,14 @@ def _engine(url: str) -> Engine:
 
 
 def schema_exists(url: str) -> bool:
-    from sqlalchemy import inspect
-
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-        from pathlib import Path
-
-        if not Path(url.removeprefix("sqlite:///")).exists():
-            return False  # do not leave an empty database file behind
+    sqlite_file = url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:")
+    if sqlite_file and not Path(url.removeprefix("sqlite:///")).exists():
+        return False  # do not leave an empty database file behind
     return inspect(get_engine(url)).has_table("jobs")
 
 
 def schema_revision(url: str) -> str | None:
     """The Alembic revision the database is at, or None where there is no recap schema."""
-    from sqlalchemy import inspect, text
-
     if not schema_exists(url):
         return None
     engine = get_engine(url)

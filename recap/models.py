@@ -7,7 +7,7 @@ the queue contract names queues with it, and workers build the tiny models it li
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Literal, get_args
 
 TinyFamily = Literal["llava", "llava-next", "mllama", "clip"]
 
@@ -20,7 +20,7 @@ TINY_MODELS: dict[str, TinyFamily] = {
 }
 # `RECAP_SCORE_MODEL=tiny-clip`: a tiny random CLIP scorer, built the same way. Not a captioner.
 TINY_SCORERS: dict[str, TinyFamily] = {"tiny-clip": "clip"}
-TINY_FAMILIES: tuple[TinyFamily, ...] = ("llava", "llava-next", "mllama", "clip")  # what can be built
+TINY_FAMILIES: tuple[TinyFamily, ...] = get_args(TinyFamily)  # what can be built
 TINY_WARNING = "the tiny model's captions are meaningless (random weights): it is for tests and smoke runs"
 
 

@@ -7,23 +7,20 @@ import logging
 import random
 import time
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
 log = logging.getLogger(__name__)
 
 
 def is_transient(exc: BaseException) -> bool:
     """A lost or refused database or broker connection, a deadlock, a failover: retry.
     Anything else (a bug, a constraint violation, bad data) is not."""
-    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
     if isinstance(exc, (OperationalError, InterfaceError)):
         return True
-    try:
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import TimeoutError as RedisTimeoutError
-    except ImportError:  # pragma: no cover - redis is a base dependency
-        return False
     return isinstance(exc, (RedisConnectionError, RedisTimeoutError, ConnectionError))
 
 

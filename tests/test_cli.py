@@ -313,3 +313,19 @@ def test_worker_refuses_an_engine_it_cannot_have_before_starting(pg_url, tmp_pat
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert "RECAP_ENGINE=vllm but" in result.stderr and "starting" not in result.stderr
+
+
+def test_recap_help_imports_no_heavy_package():
+    """What ARCHITECTURE.md keeps off a light command's path (the CLI imports workers/)."""
+    code = (
+        "import sys, recap.cli\n"
+        "from typer.testing import CliRunner\n"
+        "CliRunner().invoke(recap.cli.app, ['--help'])\n"
+        "heavy = ('torch', 'transformers', 'vllm', 'pyarrow', 'fsspec')\n"
+        "heavy = sorted(m for m in heavy if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr

@@ -3,7 +3,9 @@ authentication. Flower serves /metrics (worker names, task names and counts) and
 /healthcheck to anyone; here they ask for the same credentials as the rest.
 
 `run_flower` (in `recap flower`) starts `python -m workers.flower_server` as a child that
-dies with it and gets the signals it gets; `main` (in that child) runs Flower.
+dies with it and gets the signals it gets; `main` (in that child) runs Flower. Flower,
+tornado and Celery's command line are imported in the child only: `recap --help` imports
+this module.
 """
 
 from __future__ import annotations

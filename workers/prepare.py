@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from importlib import metadata
 
+import PIL
 from PIL import Image, UnidentifiedImageError, features
 
 from recap.errors import ErrorClass, Failure
@@ -65,8 +66,6 @@ def pillow_build() -> str:
     Both install the same `PIL` package; Pillow-SIMD resizes several times faster
     (scripts/install-pillow-simd.sh), which is most of the CPU an image costs after decoding.
     """
-    import PIL
-
     try:
         simd = metadata.version("pillow-simd") == PIL.__version__
     except metadata.PackageNotFoundError:

@@ -13,7 +13,7 @@ from recap.db import require_current_schema, require_postgres
 from recap.dispatch import Dispatcher
 from recap.errors import describe
 from recap.settings import Settings
-from recap.store import ChunkRef, ClaimedChunk, JobInfo, Store
+from recap.store import ChunkRef, ClaimedChunk, JobInfo, Refused, Store
 from recap.worker_names import FleetOwner
 from workers import metrics
 from workers.engine import EngineFatalError
@@ -93,7 +93,7 @@ class WorkerRuntime:
             self._exit_on_fatal(pipeline, pipeline.fatal, lease=None)
         if pipeline.is_finishing(ref.job_id, ref.chunk_no):
             return "skipped: its stragglers are being finished here"
-        lease = self.store.claim_chunk(ref.job_id, ref.chunk_no, self.name, s.lease_s, s.chunk_max_attempts)
+        job, lease = self._claim_first(job, ref)
         if not lease.claimed:
             reason = lease.reason.value
             metrics.CHUNKS.labels(f"skipped_{reason}").inc()
@@ -115,6 +115,30 @@ class WorkerRuntime:
         state = lease.finish().value
         metrics.CHUNKS.labels(state).inc()
         return f"{state}: {outcome.done} done, {outcome.failed} failed"
+
+    def _claim_first(self, job: JobInfo, ref: ChunkRef) -> tuple[JobInfo, ClaimedChunk | Refused]:
+        """Claim a chunk of a higher-priority job of this model where there is one (the
+        message's chunk goes back to `pending`, sent again by dispatch), else the message's:
+        a rush job starts within one chunk on every worker, whatever the queue holds."""
+        s = self.settings
+        better = None
+        if better is not None and not self._pipeline.is_finishing(better.job_id, better.chunk_no):
+            lease = self.store.claim_chunk(
+                better.job_id, better.chunk_no, self.name, s.lease_s, s.chunk_max_attempts
+            )
+            if lease.claimed:
+                self.store.unqueue_chunk(ref)
+                log.info(
+                    "chunk %s/%s set aside for chunk %s/%s of a higher-priority job",
+                    ref.job_id,
+                    ref.chunk_no,
+                    better.job_id,
+                    better.chunk_no,
+                )
+                return self.store.job_by_id(better.job_id), lease
+        return job, self.store.claim_chunk(
+            ref.job_id, ref.chunk_no, self.name, s.lease_s, s.chunk_max_attempts
+        )
 
     def _run(self, pipeline: CaptionPipeline, job: JobInfo, lease: ClaimedChunk) -> ChunkOutcome:
         """The chunk through the pipeline; a failure gives it back with its reason."""

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from recap.models import tiny_scorer_family
 from recap.settings import Settings
+from workers.engine.loading import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,6 @@ class ClipScorer:
         """A CLIP model from a folder or the hub, in float32 on `device`."""
         import torch
         from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
-
-        from workers.engine.loading import ModelSource
 
         where = ModelSource.of(source, revision)
         at = {"revision": where.load_revision}

@@ -19,6 +19,9 @@ The tiny CLIP ("clip", `RECAP_SCORE_MODEL=tiny-clip`) is a real `CLIPModel` with
 BPE tokenizer (CLIP's start and end tokens, 77-token context) and CLIP's image processor at
 32 px; its scores are meaningless too.
 
+torch, transformers and tokenizers are imported inside the builders: `recap dev tiny-model`
+and the engines import this module, `recap --help` must not pay for them.
+
 LLaVA and LLaVA-NeXT load in vLLM unchanged too: their weights are saved in the key layout
 of hub checkpoints (`vision_tower.vision_model.*`), and the text model's head_dim is 32
 (vLLM's CPU attention refuses 16).
@@ -385,10 +388,6 @@ def _write_note(out_dir: Path, family: TinyFamily, seed: int) -> None:
         "Built in code by `workers.tiny_model.build_tiny_model`.\n"
         f"**Warning: {TINY_WARNING}.** Never publish them.\n"
     )
-
-
-def is_tiny_model_dir(path: Path) -> bool:
-    return (Path(path) / TINY_NOTE).exists()
 
 
 def _is_current_build(path: Path) -> bool:

@@ -6,7 +6,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 from sqlalchemy.engine import Connection
 
 from recap.states import UNFINISHED_CHUNK_STATES, ChunkState, JobState
@@ -40,6 +40,49 @@ class Enqueue(StoreCore):
             query = query.where(jobs_t.c.model == model)
         with self.engine.connect() as conn:
             return [job_info(r) for r in conn.execute(query).mappings()]
+
+    def higher_priority_chunk(self, model: str, priority: int) -> ChunkRef | None:
+        """A pending or queued chunk of the running job of `model` with the highest priority
+        above `priority`, if any: a worker takes it instead of the message it was sent, so
+        a rush job starts within one chunk on every worker (a read only: the claim decides)."""
+        with self.engine.connect() as conn:
+            job_ids = conn.execute(
+                select(jobs_t.c.id)
+                .where(
+                    jobs_t.c.model == model,
+                    jobs_t.c.state == JobState.RUNNING,
+                    jobs_t.c.priority > priority,
+                )
+                .order_by(jobs_t.c.priority.desc(), jobs_t.c.id)
+            ).scalars()
+            for job_id in list(job_ids):
+                chunk_no = conn.execute(
+                    select(chunks_t.c.chunk_no)
+                    .where(
+                        chunks_t.c.job_id == job_id,
+                        chunks_t.c.state.in_([ChunkState.PENDING, ChunkState.QUEUED]),
+                    )
+                    .order_by(chunks_t.c.state, chunks_t.c.chunk_no)  # pending first: not sent yet
+                    .limit(1)
+                ).scalar()
+                if chunk_no is not None:
+                    return ChunkRef(job_id, chunk_no)
+        return None
+
+    @retrying
+    def unqueue_chunk(self, ref: ChunkRef) -> None:
+        """A queued chunk whose message a worker set aside back to `pending`: dispatch sends
+        it again."""
+        with self.writer.begin() as conn:
+            conn.execute(
+                update(chunks_t)
+                .where(
+                    chunks_t.c.job_id == ref.job_id,
+                    chunks_t.c.chunk_no == ref.chunk_no,
+                    chunks_t.c.state == ChunkState.QUEUED,
+                )
+                .values(state=ChunkState.PENDING)
+            )
 
     def count_chunks(self, job_ids: list[int], state: ChunkState) -> int:
         with self.engine.connect() as conn:

@@ -9,6 +9,9 @@ them), else from the tower named by `mm_vision_tower` or `--vision-tower`, which
 vision config and image processor in any case. The new folder's config.json records where
 it came from (`recap_source`). It is written beside DST and renamed into place: a failed
 conversion leaves nothing behind.
+
+torch and transformers are imported inside functions: the refusals that need only the
+configs come first, before paying for them.
 """
 
 from __future__ import annotations

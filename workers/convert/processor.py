@@ -8,6 +8,9 @@ the tokenizer's last token where the embedding was padded, else the last of LLaM
 unused reserved tokens (`<|reserved_special_token_N|>`), renamed. Original LLaVA never
 looks its image token up in the embedding (it splices the image features in at id -200),
 so the row it takes was unused.
+
+torch and transformers are imported inside functions: the refusals that need only the
+configs come first, before paying for them.
 """
 
 from __future__ import annotations

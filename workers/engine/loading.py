@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import recap
 from recap.records import ImageSpec
+from workers.prepare import pillow_build
 
 if TYPE_CHECKING:
     import torch
@@ -218,10 +220,7 @@ def common_provenance(
     *, model_id: str, revision: str | None, family: str, dtype: str, device: str, is_tiny: bool
 ) -> dict:
     """The provenance fields every engine records (each adds its engine and version)."""
-    import torch
-
-    import recap
-    from workers.prepare import pillow_build
+    import torch  # loaded by then: the engine that asks has imported it
 
     return {
         "model": model_id,

@@ -11,6 +11,7 @@ torch and transformers are imported when an engine is built, not with this modul
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -323,8 +324,6 @@ def _load_model(source: ModelSource, dtype, device):
 def _generation_config(
     model, generation: GenerationSettings, compile: bool, end_ids: list[int], pad_id: int | None
 ):
-    import copy
-
     config = copy.deepcopy(model.generation_config)
     sampling = generation.do_sample
     config.update(

@@ -21,7 +21,8 @@ import requests
 import urllib3
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
-from recap.errors import ErrorClass, Failure
+from recap.clock import as_utc
+from recap.errors import ErrorClass, Failure, one_line
 from workers.fetch.addresses import Refused
 
 log = logging.getLogger(__name__)
@@ -117,9 +118,7 @@ def parse_retry_after(value: str | None) -> float | None:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return max(0.0, (as_utc(when) - datetime.now(UTC)).total_seconds())
 
 
 def content_length(resp: requests.Response) -> int | None:
@@ -209,4 +208,4 @@ def _os_reason(chain: list[BaseException]) -> str:
     for e in chain:
         if isinstance(e, OSError) and e.strerror:
             return e.strerror.lower()
-    return str(chain[-1])[:200] or type(chain[-1]).__name__
+    return one_line(chain[-1], 200) or type(chain[-1]).__name__
