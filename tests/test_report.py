@@ -250,3 +250,22 @@ def test_thumbnails_go_through_the_guarded_fetcher(image_server, tmp_path):
     assert thumbs["gone"].data_uri is None and thumbs["gone"].missing.startswith("http_4xx")
     assert thumbs["internal"].data_uri is None and thumbs["internal"].missing.startswith("blocked_address")
     assert thumbs["tiny"].data_uri and thumbs["file"].data_uri
+
+
+def test_failed_examples_never_show_items_removed_or_refused_on_request(sqlite_url):
+    from recap.generation import GenerationSettings
+    from recap.records import InputItem, ItemResult
+    from recap.states import ItemStatus
+    from recap.store.forget import BLOCKED, REMOVED
+
+    store = Store(sqlite_url)
+    job = store.ensure_job("removal", "tiny", "describe", GenerationSettings.from_json({}), 10)
+    store.register_items(job, [[InputItem(k, f"http://127.0.0.1/{k}.jpg") for k in ("a", "b", "c")]])
+    failed = [
+        ItemResult("a", ItemStatus.FAILED, error_class="opted_out", error=REMOVED),
+        ItemResult("b", ItemStatus.FAILED, error_class="opted_out", error=BLOCKED),
+        ItemResult("c", ItemStatus.FAILED, error_class="opted_out", error="X-Robots-Tag: noai"),
+    ]
+    store.write_results(job.id, 0, failed)
+    shown = store.failed_examples(job, ["opted_out"], per_class=10)
+    assert [example.key for example in shown] == ["c"]

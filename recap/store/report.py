@@ -10,12 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import Integer, cast, func, select, tablesample
+from sqlalchemy import Integer, cast, func, or_, select, tablesample
 from sqlalchemy.engine import Connection
 
 from recap.clock import as_utc
 from recap.states import ItemStatus
 from recap.store.core import StoreCore, chunks_t, items_t
+from recap.store.forget import BLOCKED, REMOVED
 from recap.store.jobs import JobInfo
 
 # Per-item scores (docs/ARCHITECTURE.md, "Contracts", export columns), read when the schema has them.
@@ -144,6 +145,8 @@ class Reports(StoreCore):
                 items_t.c.chunk_no.in_(chunk_nos),
                 items_t.c.status == ItemStatus.FAILED,
                 items_t.c.error_class == error_class,
+                # removed or refused on request: a report never shows them
+                or_(items_t.c.error.is_(None), items_t.c.error.notin_([REMOVED, BLOCKED])),
             )
             .order_by(items_t.c.key)
             .limit(limit)
