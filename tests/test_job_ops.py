@@ -162,20 +162,27 @@ def test_cancel_keeps_done_items_and_ends_pending_ones_cancelled(
     assert len(rows) == counts["done"] and all(r["re_caption"] for r in rows)
 
 
-def test_a_high_priority_job_overtakes_a_large_one(fleet, control_app, pg_url, image_server, tmp_path):
+def test_a_high_priority_job_overtakes_a_large_one_within_one_chunk(
+    fleet, control_app, pg_url, image_server, tmp_path
+):
+    fleet.env["RECAP_MAX_QUEUED_CHUNKS"] = "20"  # the queue holds 100 of the crawl's items
     submit(fleet, tmp_path, slow_urls(image_server, 150), "crawl")
     fleet.start_worker()
     fleet.wait_ready(control_app, 1)
     wait_until(lambda: statuses(pg_url, "crawl").get("done", 0) >= 5, 120, what="the crawl to start")
 
     submit(fleet, tmp_path, good_urls(image_server, 5, start=500), "rush", "--priority", "5")
+    crawl_at_submit = statuses(pg_url, "crawl").get("pending", 0)
     wait_until(lambda: statuses(pg_url, "rush") == {"done": 5}, 120, what="the rush job")
     crawl = statuses(pg_url, "crawl")
-    assert crawl.get("pending", 0) >= 30, crawl  # the rush job did not wait for the crawl
-    rush = full_status(fleet, "rush")
-    assert rush["priority"] == 5
+    # The worker took the rush job's chunk next, not the 20 crawl chunks queued before it:
+    # at most the chunk in flight (and one a finisher ends) of the crawl ran meanwhile.
+    assert crawl_at_submit - crawl.get("pending", 0) <= 10, (crawl_at_submit, crawl)
+    assert full_status(fleet, "rush")["priority"] == 5
     table = recap(fleet, "status", env={"COLUMNS": "120"}).stdout
     assert table.index("rush") < table.index("crawl")  # shown in the order the fleet serves them
+    wait_until(lambda: statuses(pg_url, "crawl") == {"done": 150}, 180, what="the crawl to finish")
+    assert not query(pg_url, "SELECT 1 FROM chunks WHERE state <> 'done'")
 
 
 def test_migration_0005_from_0004_on_a_database_holding_a_job(pg_url):

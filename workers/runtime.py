@@ -121,7 +121,7 @@ class WorkerRuntime:
         message's chunk goes back to `pending`, sent again by dispatch), else the message's:
         a rush job starts within one chunk on every worker, whatever the queue holds."""
         s = self.settings
-        better = None
+        better = self.store.higher_priority_chunk(s.model, job.priority)
         if better is not None and not self._pipeline.is_finishing(better.job_id, better.chunk_no):
             lease = self.store.claim_chunk(
                 better.job_id, better.chunk_no, self.name, s.lease_s, s.chunk_max_attempts
