@@ -62,7 +62,7 @@ def read_toml(path: Path) -> dict:
     try:
         with path.open("rb") as f:
             table = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise InvalidSettings(f"{path}: not a readable TOML file: {one_line(exc)}") from None
     for key in table:
         if key not in Settings.model_fields:

@@ -329,3 +329,17 @@ def test_recap_help_imports_no_heavy_package():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["run", "u.txt", "--out", "o.parquet", "--limit", "0"], "--limit"),
+        (["bogus"], "No such command"),
+        (["run"], "Missing argument"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(args, says):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -336,3 +336,33 @@ def test_a_symlinked_output_file_is_replaced_through_its_link(sqlite_url, tmp_pa
     export_job(store, job, str(tmp_path / "link.parquet"))
     assert (tmp_path / "link.parquet").is_symlink()
     assert pq.read_table(tmp_path / "real.parquet").num_rows == 6
+
+
+def test_an_existing_file_recap_did_not_export_is_kept_unless_overwrite(sqlite_url, tmp_path):
+    _job(sqlite_url)
+    mine = tmp_path / "notes.jsonl"
+    mine.write_text("precious\n")
+    data = tmp_path / "input.parquet"
+    pq.write_table(pa.table({"url": ["http://127.0.0.1/a.jpg"], "text": ["a"], "mydata": [1]}), data)
+    for target in (mine, data):
+        before = target.read_bytes()
+        result = _recap("export", "--job", "J", "--out", str(target), cwd=tmp_path, db=sqlite_url)
+        assert result.returncode == 2 and "recap did not export" in _one_line_error(result)
+        assert target.read_bytes() == before
+    forced = _recap("export", "--job", "J", "--out", str(mine), "--overwrite", cwd=tmp_path, db=sqlite_url)
+    assert forced.returncode == 0, forced.stderr
+    again = _recap("export", "--job", "J", "--out", str(mine), cwd=tmp_path, db=sqlite_url)
+    assert again.returncode == 0, again.stderr  # recap's own export: replaced without asking
+
+
+def test_a_folder_of_the_published_dataset_is_not_taken_for_recaps(sqlite_url, tmp_path):
+    """Recap-DataComp-1B's files share recap's leading columns, not its own (status, job)."""
+    _job(sqlite_url)
+    folder = tmp_path / "dc1b"
+    folder.mkdir()
+    names = ["key", "url", "re_caption", "org_caption", "sha256", "re_length", "org_length"]
+    pq.write_table(pa.table({name: ["x"] for name in names}), folder / "part-00000.parquet")
+    before = _snapshot(folder)
+    result = _recap("export", "--job", "J", "--out", str(folder), cwd=tmp_path, db=sqlite_url)
+    assert result.returncode == 2 and "recap did not export" in _one_line_error(result)
+    assert _snapshot(folder) == before

@@ -269,3 +269,20 @@ def test_failed_examples_never_show_items_removed_or_refused_on_request(sqlite_u
     store.write_results(job.id, 0, failed)
     shown = store.failed_examples(job, ["opted_out"], per_class=10)
     assert [example.key for example in shown] == ["c"]
+
+
+def test_report_refuses_an_out_it_cannot_write_before_reading_anything(tmp_path, sqlite_url):
+    pipe = tmp_path / "pipe.html"
+    os.mkfifo(pipe)
+    env = {**os.environ, "RECAP_DATABASE_URL": sqlite_url}
+    for out in (str(pipe), "/proc/x.html", str(tmp_path)):
+        result = subprocess.run(
+            [sys.executable, "-m", "recap.cli", "report", "--job", "no-such-job", "--out", out],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert result.returncode == 2, result.stderr
+        assert "--out" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert pipe.is_fifo()

@@ -200,3 +200,18 @@ def test_the_condition_preset_is_a_config_file_recap_reads(tmp_path, monkeypatch
     generation = settings.generation()
     assert (generation.do_sample, generation.top_k, generation.temperature) == (True, 50, 1.0)
     assert "{org_caption}" in settings.prompt and generation.to_json()["top_k"] == 50
+
+
+def test_a_config_file_that_is_not_text_is_one_line(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_bytes(b"\xff\xfe\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "recap.cli", "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "RECAP_CONFIG": str(config)},
+        cwd=REPO,
+    )
+    assert result.returncode == 2 and "not a readable TOML file" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
+from producer.readers.outputs import is_export_columns
+
 TEMP_MARK = ".recap-tmp-"  # `.`: hidden from dataset readers while an export is being written
 SHARD_NAME = re.compile(r"part-\d{5,}\.(parquet|jsonl)")
-# Recap-DataComp-1B's columns, which every recap export (of any version) begins with.
-_LEADING_COLUMNS = ["key", "url", "re_caption", "org_caption", "sha256", "re_length", "org_length"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,4 +56,5 @@ def is_recap_export(fs: AbstractFileSystem, path: str) -> bool:
                 names = list(row) if isinstance(row, dict) else []
     except (OSError, ValueError):  # ValueError: pyarrow's ArrowInvalid and JSON's errors
         return False
-    return names[: len(_LEADING_COLUMNS)] == _LEADING_COLUMNS
+    # recap's own columns too: the published Recap-DataComp-1B shares the leading ones
+    return is_export_columns(names)

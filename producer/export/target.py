@@ -12,7 +12,7 @@ import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from producer.export.folder import TEMP_MARK, FolderContents, read_folder
+from producer.export.folder import TEMP_MARK, FolderContents, is_recap_export, read_folder
 from recap.errors import RecapError, one_line
 
 FORMATS = ("parquet", "jsonl")
@@ -77,6 +77,11 @@ def _check_file(target: ExportTarget) -> None:
         if os.path.lexists(target.path) and not os.path.isfile(target.path):
             raise RecapError(f"--out {target.out} exists and is not a regular file: name a new file")
         _check_writable(target, os.path.dirname(target.path))
+    if not target.overwrite and target.fs.isfile(target.path) and not is_recap_export(target.fs, target.path):
+        raise RecapError(
+            f"--out {target.out} is a file recap did not export (an input, say): "
+            "name a new file, or pass --overwrite to replace it"
+        )
 
 
 def _check_folder(target: ExportTarget) -> FolderContents:

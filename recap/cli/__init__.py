@@ -6,11 +6,42 @@ from __future__ import annotations
 
 import sys
 
-from recap.cli import admin, convert, export, fleet, forget, ops, processes, report, run, status  # noqa: F401  (each registers its commands)
-from recap.cli.base import app
+import typer
+
+try:  # typer 0.2x vendors click under typer._click; older typer uses click itself
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors
+
+# Each module registers its commands on the app.
+from recap.cli import (  # noqa: F401
+    admin,
+    convert,
+    export,
+    fleet,
+    forget,
+    ops,
+    processes,
+    report,
+    run,
+    status,
+)
+from recap.cli.base import app, err, say
 
 __all__ = ["app", "main"]
 
 
 def main() -> None:
-    sys.exit(app())
+    """Run the command; a usage error (a bad option or argument) is one line, exit 2."""
+    try:
+        code = app(standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as exc:
+        say(exc.ctx.get_help(), to=err)
+        sys.exit(2)
+    except click_errors.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else "recap"
+        say(f"{exc.format_message()} (see {where} --help)", to=err, label="error:", style="red")
+        sys.exit(2)
+    except typer.Abort:  # Ctrl-C before a command took over
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -33,10 +33,7 @@ def report(
     """Write one HTML page that opens offline: a random sample of done items with their
     images, original and new captions, flags and scores; failed items by error class;
     charts; the job's model, prompt, generation settings and provenance."""
-    if out_path.is_dir():
-        raise RecapError(f"--out {out_path} is a folder; give the HTML file to write")
-    if not out_path.parent.is_dir():
-        raise RecapError(f"--out {out_path}: no folder {out_path.parent}")
+    _check_out(out_path)  # before anything is sampled or fetched
     settings = read_settings()
     store = local_store()
     job_info = store.get_job(job)
@@ -69,10 +66,31 @@ def _thumbnails(items: list[SampledItem], settings) -> list[SampleRow]:
     return [SampleRow(item, t.data_uri, t.missing) for item, t in zip(items, thumbs, strict=True)]
 
 
+def _check_out(path: Path) -> None:
+    """One line, exit 2, for a path the page cannot go to: empty, a folder, a device or
+    other non-file, a place where no file can be made."""
+    if not str(path).strip() or str(path) == ".":
+        raise RecapError("--out is empty: name the HTML file to write")
+    if path.is_dir():
+        raise RecapError(f"--out {path} is a folder; give the HTML file to write")
+    if os.path.lexists(path) and not path.is_file():
+        raise RecapError(f"--out {path} exists and is not a regular file: name a new file")
+    if not path.parent.is_dir():
+        raise RecapError(f"--out {path}: no folder {path.parent}")
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        raise RecapError(f"--out {path} cannot be written: {exc.strerror or exc}") from None
+
+
 def _write(path: Path, html: str) -> None:
     """Written under a temporary name and renamed: a killed report leaves the old one whole."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as any new file (mkstemp makes it private)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(html)
         os.replace(tmp, path)
