@@ -78,6 +78,8 @@ class WorkerRuntime:
 
     def _handle_chunk(self, ref: ChunkRef) -> str:
         s = self.settings
+        if self._pipeline is None:  # an older schema lacks columns this recap reads and writes
+            require_current_schema(self.store.url)
         job = self.store.job_by_id(ref.job_id)  # before the claim: a failure here costs nothing
         if job.model != s.model:  # queue names are model slugs, and two models may share one
             log.warning(
