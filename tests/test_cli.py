@@ -84,9 +84,11 @@ def test_status_shows_counts_failures_and_expiring_leases(sqlite_url):
     import json
 
     payload = json.loads(as_json.stdout)
-    assert payload["items"] == {"total": 4, "pending": 2, "done": 1, "failed": 1}
+    assert payload["items"] == {"total": 4, "pending": 2, "done": 1, "failed": 1, "cancelled": 0}
     assert payload["chunks"] == {"pending": 0, "queued": 0, "running": 1, "done": 1, "failed": 0}
-    assert set(payload) == {"job", "model", "items", "errors", "chunks", "rate_per_s", "eta_s"}
+    assert set(payload) == {"job", "model", "items", "errors", "chunks", "rate_per_s", "eta_s", "state",
+                            "priority", "engine_seconds", "gpu_hours", "images_per_gpu_hour", "wall_s",
+                            "cost_so_far", "cost_to_finish"}  # fmt: skip
 
 
 def test_an_unreachable_database_is_one_line_and_exit_1():

@@ -68,7 +68,7 @@ def statuses(pg_url: str, job: str) -> dict[str, int]:
 
 
 def full_status(fleet: Fleet, job: str, **env: str) -> dict:
-    result = recap(fleet, "status", "--job", job, "--json", "--full", env=env)
+    result = recap(fleet, "status", "--job", job, "--json", env=env)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 

@@ -286,8 +286,14 @@ def test_status_json_is_the_documented_shape(store):
     store.claim_chunk(job.id, 0, "w", 60, 3)
     store.write_results(job.id, 0, [ItemResult("k0000", "failed", error_class="timeout", error="t")])
     payload = store.job_status(job).to_json()
-    assert list(payload) == ["job", "model", "items", "errors", "chunks", "rate_per_s", "eta_s"]
-    assert list(payload["items"].items()) == [("total", 6), ("pending", 5), ("done", 0), ("failed", 1)]
+    assert list(payload) == [
+        "job", "model", "items", "errors", "chunks", "rate_per_s", "eta_s",
+        "state", "priority", "engine_seconds", "gpu_hours", "images_per_gpu_hour", "wall_s",
+        "cost_so_far", "cost_to_finish",
+    ]  # fmt: skip
+    assert list(payload["items"].items()) == [
+        ("total", 6), ("pending", 5), ("done", 0), ("failed", 1), ("cancelled", 0),
+    ]  # fmt: skip
     assert list(payload["chunks"].items()) == [
         ("pending", 1),
         ("queued", 0),

@@ -27,14 +27,6 @@ def status(
         bool, typer.Option(help="Refresh until every job shown is finished (or until interrupted).")
     ] = False,
     interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
-    full: Annotated[
-        bool,
-        typer.Option(
-            "--full",
-            help="With --json: add items.cancelled, state, priority, engine_seconds, gpu_hours, "
-            "images_per_gpu_hour, wall_s, cost_so_far and cost_to_finish.",
-        ),
-    ] = False,
 ) -> None:
     """Counts per status, error class and chunk state; rate and ETA; state, priority and
     GPU-hours (with RECAP_GPU_HOUR_COST, the cost so far and to finish)."""
@@ -45,7 +37,7 @@ def status(
     jobs = [store.get_job(job)] if job else store.list_jobs()
     if as_json:
         statuses = [store.job_status(j, cost) for j in jobs]
-        payload = [s.to_full_json() if full else s.to_json() for s in statuses]
+        payload = [s.to_json() for s in statuses]
         out.print_json(json.dumps(payload[0] if job else payload))
         return
     if not jobs:

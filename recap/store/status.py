@@ -50,10 +50,17 @@ class JobStatus:
     time: JobTime = field(default_factory=lambda: JobTime())
 
     def to_json(self) -> dict:
-        """The status object's first keys, in this order, as they were before job
-        operations (pending excludes cancelled items all the same)."""
+        """The `status --json` object (docs/ARCHITECTURE.md, "Contracts"): the counts, then
+        the job's state, priority and time; `pending` excludes cancelled items."""
+        return {
+            **self._counts_json(),
+            "state": self.state.value,
+            "priority": self.priority,
+            **self.time.to_json(),
+        }
+
+    def _counts_json(self) -> dict:
         items = asdict(self.items)
-        del items["cancelled"]
         return {
             "job": self.job,
             "model": self.model,
@@ -63,13 +70,6 @@ class JobStatus:
             "rate_per_s": self.rate_per_s,
             "eta_s": self.eta_s,
         }
-
-    def to_full_json(self) -> dict:
-        """The `status --json` object: `to_json`'s keys and `items.cancelled`, then the
-        job's state, priority and time (migration 0005): keys only added, none changed."""
-        payload = self.to_json()
-        payload["items"]["cancelled"] = self.items.cancelled
-        return {**payload, "state": self.state.value, "priority": self.priority, **self.time.to_json()}
 
 
 @dataclass(frozen=True, slots=True)
