@@ -127,3 +127,14 @@ def redis_url(redis_server):
     yield url
     client.flushall()
     client.close()
+
+
+@pytest.fixture
+def control_app(redis_url, tiny_model_dir):
+    """A Celery app in the test process, to ping workers and send raw messages."""
+    from recap.queue import make_app
+    from recap.settings import Settings
+
+    app = make_app(Settings(broker_url=redis_url, model=str(tiny_model_dir)))
+    yield app
+    app.close()

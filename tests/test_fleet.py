@@ -50,17 +50,6 @@ def fleet(pg_url, redis_url, tiny_model_dir, tmp_path):
     fleet.stop_all()
 
 
-@pytest.fixture
-def control_app(redis_url, tiny_model_dir):
-    """A Celery app in the test process, to ping workers and send raw messages."""
-    from recap.queue import make_app
-    from recap.settings import Settings
-
-    app = make_app(Settings(broker_url=redis_url, model=str(tiny_model_dir)))
-    yield app
-    app.close()
-
-
 def recap(fleet: Fleet, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "recap.cli", *args],

@@ -37,17 +37,6 @@ def fleet(pg_url, redis_url, tiny_model_dir, tmp_path):
     fleet.stop_all()
 
 
-@pytest.fixture
-def control_app(redis_url, tiny_model_dir):
-    """A Celery app in the test process, to ping the workers."""
-    from recap.queue import make_app
-    from recap.settings import Settings
-
-    app = make_app(Settings(broker_url=redis_url, model=str(tiny_model_dir)))
-    yield app
-    app.close()
-
-
 def query(pg_url: str, sql: str, **params) -> list[dict]:
     engine = sa.create_engine(normalise_url(pg_url))
     try:

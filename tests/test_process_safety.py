@@ -42,15 +42,6 @@ def fleet(pg_url, redis_url, tiny_model_dir, tmp_path):
     fleet.stop_all()
 
 
-@pytest.fixture
-def control_app(redis_url, tiny_model_dir):
-    from recap.queue import make_app
-
-    app = make_app(Settings(broker_url=redis_url, model=str(tiny_model_dir)))
-    yield app
-    app.close()
-
-
 def alive(pids: list[int]) -> list[int]:
     """The pids of `pids` still running (a zombie has finished running)."""
     running = []
