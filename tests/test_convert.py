@@ -347,3 +347,11 @@ def test_importing_the_converter_does_not_import_torch():
         "bad = {'torch', 'transformers'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_a_converted_models_captions_name_their_source_in_the_provenance(converted, settings):
+    from workers.engine import TransformersEngine
+
+    engine = TransformersEngine(converted, settings)
+    assert engine.provenance["converted_from"] == recap_source(converted)
+    assert engine.provenance["converted_from"]["format"] == "llava-original"

@@ -216,6 +216,14 @@ def image_spec(processor, family: str, mode: str) -> ImageSpec:
 # -- provenance -----------------------------------------------------------------------------
 
 
+def converted_from(config) -> dict:
+    """Where a model `recap convert` made came from (its config's `recap_source`): the
+    original checkpoint and its revision, the vision tower. Nothing for other models, so
+    their provenance rows stay what they were."""
+    source = getattr(config, "recap_source", None)
+    return {"converted_from": source} if source else {}
+
+
 def common_provenance(
     *, model_id: str, revision: str | None, family: str, dtype: str, device: str, is_tiny: bool
 ) -> dict:

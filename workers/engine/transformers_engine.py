@@ -26,6 +26,7 @@ from workers.engine.failures import is_fatal, is_oom
 from workers.engine.loading import (
     ModelSource,
     common_provenance,
+    converted_from,
     image_spec,
     load_processor,
     repair_processor,
@@ -139,6 +140,7 @@ class TransformersEngine:
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "compiled": settings.compile and self.device.type == "cuda",  # CPU: static cache only
         }
+        self.provenance |= converted_from(model.config)
         if self.device.type == "cuda":
             self.provenance["gpu"] = torch.cuda.get_device_name(self.device)
         if self.is_tiny:

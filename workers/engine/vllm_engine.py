@@ -37,6 +37,7 @@ from recap.records import Caption, ImageSpec
 from workers.engine.loading import (
     ModelSource,
     common_provenance,
+    converted_from,
     image_spec,
     load_processor,
     repair_processor,
@@ -107,10 +108,12 @@ class VllmEngine(StreamingEngine):
         # worker would draw the same retry jitter (workers.fetch, recap.transient).
         random.seed()
         self.revision = located.recorded_revision()
-        self._params: dict[str | None, object] = {None: self._sampling_params(settings)}
+        self._params: dict[GenerationSettings | None, object] = {
+            None: self._sampling_params(settings.generation())
+        }
         self.image_spec = image_spec(self.processor, self.family, settings.image_mode)
         self.default_batch_size = settings.batch_size or self._default_batch_size()
-        self.provenance = self._provenance(vllm.__version__)
+        self.provenance = self._provenance(vllm.__version__) | converted_from(config)
         if self.is_tiny:
             log.warning("model %r: %s", self.model_id, TINY_WARNING)
 
