@@ -140,7 +140,7 @@ def test_two_workers_caption_every_item_exactly_once(fleet, control_app, pg_url,
     import json
 
     payload = json.loads(status.stdout)
-    assert payload["items"] == {"total": 300, "pending": 0, "done": 295, "failed": 5}
+    assert payload["items"] == {"total": 300, "pending": 0, "done": 295, "failed": 5, "cancelled": 0}
     assert payload["chunks"]["done"] == 15
     assert sum(payload["errors"].values()) == 5
 
