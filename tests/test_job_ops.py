@@ -142,7 +142,7 @@ def test_cancel_keeps_done_items_and_ends_pending_ones_cancelled(
     assert payload["items"]["pending"] == 0
     assert payload["items"]["done"] == counts["done"]
     plain = json.loads(recap(fleet, "status", "--job", "ended", "--json").stdout)
-    assert set(plain) == {"job", "model", "items", "errors", "chunks", "rate_per_s", "eta_s"}
+    assert set(plain) >= {"job", "model", "items", "state", "gpu_hours"}  # one documented shape
 
     out = tmp_path / "ended.jsonl"
     exported = recap(fleet, "export", "--job", "ended", "--out", str(out))
