@@ -20,7 +20,7 @@ from recap.records import InputItem, ItemResult, Rejected
 from recap.states import ItemStatus
 from recap.store.forget import BLOCKED, REMOVED, BlockKind, Blocklist
 from tests.support.fleet import wait_until
-from tests.test_fleet import control_app, finished, fleet, recap, write_urls  # noqa: F401  (fixtures used)
+from tests.test_fleet import finished, fleet, recap, write_urls  # noqa: F401  (fixtures used)
 from tests.test_fleet import items as fleet_items
 from tests.test_run import run_env
 
