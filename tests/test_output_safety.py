@@ -331,7 +331,7 @@ def test_recap_run_refuses_an_unwritable_out_before_captioning(tmp_path):
 
 def test_a_symlinked_output_file_is_replaced_through_its_link(sqlite_url, tmp_path):
     store, job = _job(sqlite_url, items=6)
-    (tmp_path / "real.parquet").write_bytes(b"old")
+    export_job(store, job, str(tmp_path / "real.parquet"))  # an earlier export of recap's
     (tmp_path / "link.parquet").symlink_to("real.parquet")
     export_job(store, job, str(tmp_path / "link.parquet"))
     assert (tmp_path / "link.parquet").is_symlink()
