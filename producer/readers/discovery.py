@@ -12,9 +12,10 @@ import fsspec.core
 from fsspec import AbstractFileSystem
 
 from producer.readers.images import IMAGE_EXTENSIONS, JSON, SIDECAR_EXTENSIONS, TXT
+from producer.readers.outputs import EXPORT_MANIFEST
 from producer.readers.registry import reader_for, supported_formats
 from producer.readers.source import FileFormat, InputError, SidecarPaths, Source, error_line
-from producer.readers.stats import HIDDEN_FILES, ReadStats
+from producer.readers.stats import HIDDEN_FILES, RECAP_OUTPUT, ReadStats
 
 
 class InputKind(Enum):
@@ -151,6 +152,9 @@ def _walk(
         # object stores may list a folder's own placeholder object inside it
         if e["name"].rstrip("/") != directory.rstrip("/")
     }
+    if EXPORT_MANIFEST in entries and not entries[EXPORT_MANIFEST]:  # a recap export folder
+        stats.skip_files(RECAP_OUTPUT, sum(not is_dir for is_dir in entries.values()))
+        return
     hidden = [n for n, is_dir in entries.items() if n.startswith(".") and not is_dir]
     if hidden:  # .DS_Store, macOS ._a.jpg; hidden folders (.git, .cache) are pruned
         stats.skip_files(HIDDEN_FILES, len(hidden))

@@ -6,6 +6,9 @@ A file named on the command line is always read as given (to re-caption an expor
 
 from __future__ import annotations
 
+# A folder holding this file is an export folder: nothing in it is input.
+EXPORT_MANIFEST = "_recap_export.json"
+
 # Every recap export begins with Recap-DataComp-1B's columns and carries these of its own
 # (docs/ARCHITECTURE.md, "Contracts": export columns). The published Recap-DataComp-1B has
 # the first ones but not `status` or `job`: it stays an input.
